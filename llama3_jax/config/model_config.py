@@ -1,0 +1,108 @@
+"""The model description: one frozen dataclass holding every field that differs across the Llama 3 family."""
+
+import dataclasses
+from typing import Any, Optional
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "dot_product")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+def meta_ffn_dim(dim: int, ffn_dim_multiplier: Optional[float], multiple_of: int) -> int:
+  """SwiGLU hidden size by Meta's rule: 2/3 of 4*dim, times the multiplier, rounded up to `multiple_of`."""
+  hidden = int(2 * 4 * dim / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1 ("llama3") RoPE frequency scaling; wavelengths are in tokens."""
+
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_context: int = 8192
+
+  def __post_init__(self):
+    if self.factor <= 0:
+      raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(
+          "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+          f"{self.low_freq_factor} and {self.high_freq_factor}")
+    if self.original_context <= 0:
+      raise ValueError(f"RopeScaling.original_context must be > 0, got {self.original_context}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama 3 dense decoder.
+
+  `dtype` is the compute dtype of matmuls; norms, softmax and RoPE run in float32.
+  `param_dtype` is the storage dtype of parameters.
+  """
+
+  name: str
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn_dim: int
+  norm_eps: float = 1e-5
+  rope_theta: float = 500_000.0
+  rope_scaling: Optional[RopeScaling] = None
+  tie_embeddings: bool = False
+  max_seq_len: int = 8192
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
+    if self.dim % self.n_heads:
+      raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got dim/n_heads = {self.head_dim}")
+    if self.norm_eps <= 0 or self.rope_theta <= 0:
+      raise ValueError("ModelConfig.norm_eps and rope_theta must be > 0")
+    for field in ("param_dtype", "dtype"):
+      if getattr(self, field) not in DTYPES:
+        raise ValueError(f"ModelConfig.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    """Inverse of `to_dict`; unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"Unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Meta consolidated, Hugging Face safetensors and our Orbax format."""

@@ -1,0 +1,37 @@
+"""The key/value cache for incremental decoding, a pytree passed in and returned explicitly."""
+
+import flax.struct
+import jax.numpy as jnp
+
+from llama3_jax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for `S` slots per row.
+
+  k, v:        [layers, B, S, kv_heads, head_dim] in the compute dtype.
+  positions:   [B, S] int32 RoPE position of the token held in each slot.
+  segment_ids: [B, S] int32 segment of that token; 0 marks an empty slot, never attended to.
+  index:       [] int32 next slot to write; every row writes at the same slot.
+  """
+
+  k: jnp.ndarray
+  v: jnp.ndarray
+  positions: jnp.ndarray
+  segment_ids: jnp.ndarray
+  index: jnp.ndarray
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    return cls(
+        k=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+        v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+        positions=jnp.zeros((batch, slots), jnp.int32),
+        segment_ids=jnp.zeros((batch, slots), jnp.int32),
+        index=jnp.zeros((), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.positions.shape[1]

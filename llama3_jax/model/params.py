@@ -1,0 +1,28 @@
+"""Parameter creation and inspection from a config, without materialising what is not needed."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama3_jax.config import ModelConfig
+from llama3_jax.model.transformer import Transformer
+
+
+def _init_boxed(cfg: ModelConfig, rng: jax.Array):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(cfg).init(rng, tokens)["params"]
+
+
+def param_shapes(cfg: ModelConfig):
+  """Pytree of `jax.ShapeDtypeStruct` wrapped in `nn.LogicallyPartitioned` (logical axes kept)."""
+  return jax.eval_shape(lambda rng: _init_boxed(cfg, rng), jax.random.key(0))
+
+
+def count_params(cfg: ModelConfig) -> int:
+  """Total number of parameters, from shapes alone."""
+  return sum(x.size for x in jax.tree.leaves(nn.unbox(param_shapes(cfg))))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+  """Random parameters (normal std 0.02, norms at 1) as a plain pytree of arrays."""
+  return nn.unbox(jax.jit(lambda r: _init_boxed(cfg, r))(rng))

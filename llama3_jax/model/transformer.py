@@ -1,0 +1,98 @@
+"""The Llama 3 decoder: embedding, scanned decoder layers, final norm and output head."""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama3_jax.config import ModelConfig
+from llama3_jax.model.attention import Attention, attention_mask
+from llama3_jax.model.kv_cache import KVCache
+from llama3_jax.model.layers import FeedForward, RMSNorm, declare
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ACT_BTD = ("act_batch", "act_length", "act_embed")
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention then pre-norm SwiGLU, each with a residual connection."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, layer_kv, positions_BT, mask_BTS, cache_index):
+    """(x [B, T, D], this layer's cached (k, v) or None) -> (x, updated (k, v) or None)."""
+    attn_out, layer_kv = Attention(self.cfg, name="attention")(
+        RMSNorm(self.cfg, name="attention_norm")(x_BTD), positions_BT, mask_BTS, layer_kv, cache_index)
+    x_BTD = nn.with_logical_constraint(x_BTD + attn_out, ACT_BTD)
+    x_BTD = x_BTD + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x_BTD))
+    return nn.with_logical_constraint(x_BTD, ACT_BTD), layer_kv
+
+
+def _scanned_layers(cfg: ModelConfig):
+  layer = DecoderLayer
+  if cfg.remat_policy != "none":
+    layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+  return nn.scan(
+      layer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+      length=cfg.n_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )(cfg, name="layers")
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] int -> logits [B, T, vocab] float32.
+
+  positions [B, T] (default 0..T-1) drive RoPE and causality; segment_ids [B, T] (default all 1)
+  separate packed documents, 0 marks padding. With `cache`, the tokens are written into the cache
+  slots from `cache.index` on, attend to every filled slot, and (logits, new cache) is returned.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: Optional[KVCache] = None):
+    cfg = self.cfg
+    batch, length = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((batch, length), jnp.int32)
+
+    if cache is None:
+      layer_kvs, cache_index = None, None
+      mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
+    else:
+      cache_index = cache.index
+      kv_positions = jax.lax.dynamic_update_slice_in_dim(
+          cache.positions, positions_BT.astype(jnp.int32), cache_index, axis=1)
+      kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+          cache.segment_ids, segment_ids_BT.astype(jnp.int32), cache_index, axis=1)
+      layer_kvs = (cache.k, cache.v)
+      mask_BTS = attention_mask(positions_BT, segment_ids_BT, kv_positions, kv_segment_ids)
+
+    embedding = declare(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
+    x_BTD = nn.with_logical_constraint(jnp.take(embedding, tokens_BT, axis=0), ACT_BTD)
+    x_BTD, layer_kvs = _scanned_layers(cfg)(x_BTD, layer_kvs, positions_BT, mask_BTS, cache_index)
+    x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
+
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding, preferred_element_type=jnp.float32)
+    else:
+      output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
+      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output, preferred_element_type=jnp.float32)
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+
+    if cache is None:
+      return logits_BTV
+    new_cache = KVCache(k=layer_kvs[0], v=layer_kvs[1], positions=kv_positions,
+                        segment_ids=kv_segment_ids, index=cache_index + length)
+    return logits_BTV, new_cache

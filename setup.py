@@ -1,0 +1,30 @@
+"""llama3_jax: Meta's Llama 3 family in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="llama3_jax",
+    version="0.1.0",
+    description="A JAX/Flax reimplementation of Meta's Llama 3 family for TPU and GPU meshes",
+    packages=setuptools.find_packages(include=["llama3_jax", "llama3_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tiktoken",
+        "chex",
+        "absl-py",
+        "numpy",
+        "safetensors",
+        # Ships Meta's real Llama 3 tokenizer.model; also the reference tokenizer and chat format.
+        "llama-models",
+    ],
+    extras_require={
+        # References the tests compare against, and readers of Meta's .pth checkpoints.
+        "torch": ["torch==2.13.0"],
+        "test": ["torch==2.13.0", "transformers", "fairscale", "pytest"],
+    },
+)
