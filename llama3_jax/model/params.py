@@ -13,6 +13,9 @@ def _init_boxed(cfg: ModelConfig, rng: jax.Array):
   return Transformer(cfg).init(rng, tokens)["params"]
 
 
+_init_boxed_jit = jax.jit(_init_boxed, static_argnums=0)
+
+
 def param_shapes(cfg: ModelConfig):
   """Pytree of `jax.ShapeDtypeStruct` wrapped in `nn.LogicallyPartitioned` (logical axes kept)."""
   return jax.eval_shape(lambda rng: _init_boxed(cfg, rng), jax.random.key(0))
@@ -25,4 +28,4 @@ def count_params(cfg: ModelConfig) -> int:
 
 def init_params(cfg: ModelConfig, rng: jax.Array):
   """Random parameters (normal std 0.02, norms at 1) as a plain pytree of arrays."""
-  return nn.unbox(jax.jit(lambda r: _init_boxed(cfg, r))(rng))
+  return nn.unbox(_init_boxed_jit(cfg, rng))

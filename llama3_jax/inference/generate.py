@@ -1,0 +1,111 @@
+"""Batched generation with a KV cache: one jitted prefill over the prompts, then a jitted decode loop."""
+
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama3_jax.config import ModelConfig
+from llama3_jax.inference.sampling import SamplingConfig, sample
+from llama3_jax.model import KVCache, Transformer
+
+NOT_GENERATED = -1
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+  """Raises ValueError for an empty batch, an empty prompt or a token id outside the vocabulary."""
+  if not prompts:
+    raise ValueError("generate needs at least one prompt")
+  for row, prompt in enumerate(prompts):
+    ids = np.asarray(prompt)
+    if ids.size == 0:
+      raise ValueError(f"Prompt {row} is empty")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+      raise ValueError(
+          f"Prompt {row} has token ids {sorted(set(bad.tolist()))[:10]} outside the vocabulary "
+          f"[0, {vocab_size})")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+  """Right-padded [B, P] int32 tokens and [B] int32 lengths."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt)] = prompt
+  return tokens, lengths
+
+
+def prefill(cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache):
+  """Runs right-padded prompts through the model: (logits at each row's last token [B, V], cache)."""
+  batch, length = tokens_BP.shape
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)
+  logits_BPV, cache = Transformer(cfg).apply({"params": params}, tokens_BP, positions, segment_ids,
+                                              cache=cache)
+  return logits_BPV[jnp.arange(batch), lengths_B - 1], cache
+
+
+def decode_step(cfg: ModelConfig, params: Dict, token_B, position_B, cache: KVCache):
+  """One token per row at its own position: (logits [B, V], cache)."""
+  logits_B1V, cache = Transformer(cfg).apply(
+      {"params": params}, token_B[:, None], position_B[:, None], jnp.ones_like(token_B)[:, None],
+      cache=cache)
+  return logits_B1V[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids"))
+def generate_tokens(params, tokens_BP, lengths_B, rng, *, cfg: ModelConfig, max_new_tokens: int,
+                    sampling: SamplingConfig, stop_ids: Tuple[int, ...]):
+  """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED."""
+  batch, length = tokens_BP.shape
+  cache = KVCache.empty(cfg, batch, length + max_new_tokens)
+  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache)
+  rng, first_rng = jax.random.split(rng)
+  stop_ids = jnp.asarray(stop_ids, jnp.int32)
+
+  def keep_going(state):
+    step, _, done, _, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def next_token(state):
+    step, token_B, done, out_BN, cache, rng = state
+    out_BN = out_BN.at[:, step].set(jnp.where(done, NOT_GENERATED, token_B))
+    done = done | jnp.isin(token_B, stop_ids)
+    logits_BV, cache = decode_step(cfg, params, token_B, lengths_B + step, cache)
+    rng, step_rng = jax.random.split(rng)
+    return step + 1, sample(logits_BV, step_rng, sampling), done, out_BN, cache, rng
+
+  state = (jnp.int32(0), sample(logits_BV, first_rng, sampling), jnp.zeros(batch, bool),
+           jnp.full((batch, max_new_tokens), NOT_GENERATED, jnp.int32), cache, rng)
+  return jax.lax.while_loop(keep_going, next_token, state)[3]
+
+
+def generate(cfg: ModelConfig, params: Dict, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (),
+             rng: Optional[jax.Array] = None) -> List[List[int]]:
+  """New tokens for each prompt, up to `max_new_tokens`, ending before the first stop token."""
+  check_prompts(prompts, cfg.vocab_size)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  tokens, lengths = pad_prompts(prompts)
+  if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"Longest prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        f"model's max_seq_len {cfg.max_seq_len}")
+  out = np.asarray(generate_tokens(
+      params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0) if rng is None else rng,
+      cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
+      stop_ids=tuple(sorted(set(int(i) for i in stop_ids)))))
+  stops = set(int(i) for i in stop_ids)
+  results = []
+  for row in out:
+    kept = []
+    for token in row.tolist():
+      if token == NOT_GENERATED or token in stops:
+        break
+      kept.append(token)
+    results.append(kept)
+  return results

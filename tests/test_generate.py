@@ -1,0 +1,88 @@
+"""Generation against a cache-free greedy reference, stop tokens, and sampling against closed forms."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama3_jax as l3
+from llama3_jax.inference import SamplingConfig, generate, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = l3.get_config("test-3.1")
+  return cfg, l3.init_params(cfg, jax.random.key(4))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(cfg, params, tokens_1T):
+  return l3.Transformer(cfg).apply({"params": params}, tokens_1T)[0, -1]
+
+
+def _greedy_without_cache(cfg, params, prompt, steps):
+  sequence = list(prompt)
+  for _ in range(steps):
+    sequence.append(int(jnp.argmax(_last_logits(cfg, params, jnp.asarray([sequence])))))
+  return sequence[len(prompt):]
+
+
+def test_greedy_batch_with_different_prompt_lengths_matches_uncached_greedy(model):
+  cfg, params = model
+  prompts = [[5, 17, 300, 42, 9, 11], [77], [400, 401, 402]]
+  out = generate(cfg, params, prompts, max_new_tokens=6)
+  assert out == [_greedy_without_cache(cfg, params, p, 6) for p in prompts]
+
+
+def test_stops_before_first_stop_token_per_row(model):
+  cfg, params = model
+  prompts = [[5, 17, 300, 42, 9, 11], [77]]
+  free = generate(cfg, params, prompts, max_new_tokens=6)
+  stop = free[0][2]
+  stopped = generate(cfg, params, prompts, max_new_tokens=6, stop_ids=[stop])
+  for row in range(2):
+    expected = free[row][:free[row].index(stop)] if stop in free[row] else free[row]
+    assert stopped[row] == expected
+
+
+def test_sampling_with_top_k_1_or_tiny_top_p_is_greedy(model):
+  cfg, params = model
+  prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+  greedy = generate(cfg, params, prompts, max_new_tokens=5)
+  for sampling in (SamplingConfig(temperature=1.5, top_k=1), SamplingConfig(temperature=1.5, top_p=1e-6)):
+    assert generate(cfg, params, prompts, max_new_tokens=5, sampling=sampling,
+                    rng=jax.random.key(7)) == greedy
+
+
+def _frequencies(logits, sampling, n=40_000):
+  logits_BV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+  tokens = jax.jit(sample, static_argnums=2)(logits_BV, jax.random.key(0), sampling)
+  return np.bincount(np.asarray(tokens), minlength=len(logits)) / n
+
+
+PROBS = np.array([0.5, 0.3, 0.15, 0.05])
+
+
+@pytest.mark.parametrize("sampling,expected", [
+    (SamplingConfig(temperature=1.0), PROBS),
+    (SamplingConfig(temperature=0.5), PROBS**2 / np.sum(PROBS**2)),
+    (SamplingConfig(temperature=1.0, top_k=2), np.array([0.625, 0.375, 0, 0])),
+    (SamplingConfig(temperature=1.0, top_p=0.7), np.array([0.625, 0.375, 0, 0])),
+    (SamplingConfig(temperature=1.0, top_p=0.9), np.array([0.5, 0.3, 0.15, 0]) / 0.95),
+])
+def test_sampling_frequencies_match_closed_form(sampling, expected):
+  np.testing.assert_allclose(_frequencies(np.log(PROBS), sampling), expected, atol=0.01)
+
+
+def test_generate_rejects_bad_input(model):
+  cfg, params = model
+  with pytest.raises(ValueError, match=r"Prompt 1 has token ids \[512\] outside the vocabulary \[0, 512\)"):
+    generate(cfg, params, [[1, 2], [3, 512]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="Prompt 0 is empty"):
+    generate(cfg, params, [[]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="exceeds the model's max_seq_len 16"):
+    generate(cfg.replace(max_seq_len=16), params, [[1] * 10], max_new_tokens=7)
+  with pytest.raises(ValueError, match="top_p must be in"):
+    SamplingConfig(temperature=1.0, top_p=0.0)
