@@ -61,25 +61,26 @@ def generate_tokens(params, tokens_BP, lengths_B, rng, *, cfg: ModelConfig, max_
                     sampling: SamplingConfig, stop_ids: Tuple[int, ...]):
   """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED."""
   batch, length = tokens_BP.shape
-  cache = KVCache.empty(cfg, batch, length + max_new_tokens)
+  cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1)
   logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache)
   rng, first_rng = jax.random.split(rng)
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
+  first_B = sample(logits_BV, first_rng, sampling)
+  out_BN = jnp.full((batch, max_new_tokens), NOT_GENERATED, jnp.int32).at[:, 0].set(first_B)
 
   def keep_going(state):
     step, _, done, _, _, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step + 1 < max_new_tokens) & ~jnp.all(done)
 
   def next_token(state):
     step, token_B, done, out_BN, cache, rng = state
-    out_BN = out_BN.at[:, step].set(jnp.where(done, NOT_GENERATED, token_B))
-    done = done | jnp.isin(token_B, stop_ids)
     logits_BV, cache = decode_step(cfg, params, token_B, lengths_B + step, cache)
     rng, step_rng = jax.random.split(rng)
-    return step + 1, sample(logits_BV, step_rng, sampling), done, out_BN, cache, rng
+    token_B = sample(logits_BV, step_rng, sampling)
+    out_BN = out_BN.at[:, step + 1].set(jnp.where(done, NOT_GENERATED, token_B))
+    return step + 1, token_B, done | jnp.isin(token_B, stop_ids), out_BN, cache, rng
 
-  state = (jnp.int32(0), sample(logits_BV, first_rng, sampling), jnp.zeros(batch, bool),
-           jnp.full((batch, max_new_tokens), NOT_GENERATED, jnp.int32), cache, rng)
+  state = (jnp.int32(0), first_B, jnp.isin(first_B, stop_ids), out_BN, cache, rng)
   return jax.lax.while_loop(keep_going, next_token, state)[3]
 
 
