@@ -77,7 +77,7 @@ def main(argv):
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (_BATCH.value, _PROMPT_LEN.value))
   with tempfile.TemporaryDirectory() as hf_dir:
     save_hf(hf_dir, cfg, params)
-    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   ours, theirs = _ours(cfg, params, tokens), _hf(hf_model, tokens)
   prefill_tokens = _BATCH.value * _PROMPT_LEN.value
   decode_tokens = _BATCH.value * (_NEW_TOKENS.value - 1)

@@ -54,6 +54,7 @@ def main(argv):
   del argv
   tokenizer = l3.Tokenizer.from_file(_TOKENIZER.value) if _TOKENIZER.value else l3.Tokenizer.default()
   cfg, params = _load_model()
+  params = jax.device_put(params)
   prompts = _prompt_tokens(tokenizer)
   sampling = l3.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   start = time.perf_counter()

@@ -5,5 +5,4 @@ set -euo pipefail
 checkpoint=${1:?checkpoint dir}; prompt=${2:?prompt}; shift 2
 cd "$(dirname "$0")/.."
 python -m pip install -q -U "jax[cuda12]" -e .
-python experiments/generate.py --checkpoint "$checkpoint" --prompt "$prompt" --dtype bfloat16 \
-  --attention_impl dot_product "$@"
+python experiments/generate.py --checkpoint "$checkpoint" --prompt "$prompt" --dtype bfloat16 "$@"

@@ -77,6 +77,16 @@ DIALOGS = {
     ),
     Message("ipython", '{"price": 512.3}'),
   ],
+  "tool_role_alias": [
+    USER,
+    Message(
+      "assistant",
+      "",
+      tool_calls=[ToolCall("c1", "code_interpreter", {"code": "2**10"})],
+      stop_reason="end_of_message",
+    ),
+    Message("tool", "1024"),
+  ],
   "assistant_eom_without_tool": [
     USER,
     Message("assistant", "Searching...", stop_reason="end_of_message"),
@@ -175,5 +185,5 @@ def test_from_dict_errors(d, match):
 
 
 def test_header_rejects_unknown_role(chat):
-  with pytest.raises(ValueError, match="Unknown message role 'tool'"):
-    chat.encode_header("tool")
+  with pytest.raises(ValueError, match="Unknown message role 'robot'"):
+    chat.encode_header("robot")

@@ -9,7 +9,7 @@ import safetensors.numpy
 import torch
 
 from llama3_jax import get_config
-from llama3_jax.convert import load_checkpoint, load_hf, load_meta
+from llama3_jax.convert import load_checkpoint, load_hf, load_meta, save_hf
 
 CFG = get_config("test-3.0")  # dim 64, 2 layers, 4 heads, 2 kv heads of 16, ffn 192, vocab 512
 PARAMS_JSON = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
@@ -171,3 +171,23 @@ def test_pickled_code_is_refused_not_run(tmp_path):
   with pytest.raises(ValueError, match="Refusing to load .*consolidated.00.pth"):
     load_checkpoint(path)
   assert not marker.exists()
+
+
+def test_meta_quantized_tensor_is_named(tmp_path):
+  tensors = meta_tensors()
+  tensors["layers.0.feed_forward.w1.weight"] = tensors["layers.0.feed_forward.w1.weight"].to(
+      torch.float8_e4m3fn)
+  with pytest.raises(ValueError, match=r"'layers\.0\.feed_forward\.w1\.weight' is torch\.float8_e4m3fn"):
+    load_meta(write_meta(tmp_path / "meta", {0: tensors}))
+
+
+def test_hf_save_refuses_a_used_directory(tmp_path):
+  cfg, params = load_hf(write_hf(tmp_path / "hf", hf_tensors()))
+  with pytest.raises(FileExistsError, match="non-empty directory"):
+    save_hf(str(tmp_path / "hf"), cfg, params)
+
+
+def test_hf_param_dtype_follows_stored_tensors(tmp_path):
+  tensors = {name: t.astype(np.float16) for name, t in hf_tensors().items()}
+  cfg, params = load_hf(write_hf(tmp_path / "hf", tensors))
+  assert cfg.param_dtype == "float16" and params["embedding"].dtype == np.float16

@@ -71,9 +71,19 @@ PROBS = np.array([0.5, 0.3, 0.15, 0.05])
     (SamplingConfig(temperature=1.0, top_k=2), np.array([0.625, 0.375, 0, 0])),
     (SamplingConfig(temperature=1.0, top_p=0.7), np.array([0.625, 0.375, 0, 0])),
     (SamplingConfig(temperature=1.0, top_p=0.9), np.array([0.5, 0.3, 0.15, 0]) / 0.95),
+    # top-p applies to the top-k distribution renormalised: 0.625 >= 0.6 keeps one token.
+    (SamplingConfig(temperature=1.0, top_k=2, top_p=0.6), np.array([1.0, 0, 0, 0])),
 ])
 def test_sampling_frequencies_match_closed_form(sampling, expected):
   np.testing.assert_allclose(_frequencies(np.log(PROBS), sampling), expected, atol=0.01)
+
+
+@pytest.mark.parametrize("logits,sampling,expected", [
+    ([1.0, 1.0, 0.0, 0.0], SamplingConfig(temperature=1.0, top_k=1), [1.0, 0, 0, 0]),
+    ([0.0] * 8, SamplingConfig(temperature=1.0, top_p=0.5), [0.25] * 4 + [0.0] * 4),
+])
+def test_sampling_cuts_ties_by_rank(logits, sampling, expected):
+  np.testing.assert_allclose(_frequencies(np.array(logits), sampling), expected, atol=0.01)
 
 
 def test_generate_rejects_bad_input(model):
@@ -84,5 +94,7 @@ def test_generate_rejects_bad_input(model):
     generate(cfg, params, [[]], max_new_tokens=2)
   with pytest.raises(ValueError, match="exceeds the model's max_seq_len 16"):
     generate(cfg.replace(max_seq_len=16), params, [[1] * 10], max_new_tokens=7)
+  with pytest.raises(ValueError, match=r"top_k=513 exceeds the vocabulary \(512\)"):
+    generate(cfg, params, [[1]], max_new_tokens=2, sampling=SamplingConfig(temperature=1.0, top_k=513))
   with pytest.raises(ValueError, match="top_p must be in"):
     SamplingConfig(temperature=1.0, top_p=0.0)

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama3_jax import RopeScaling, Transformer, get_config
 from llama3_jax.convert import load_hf, save_hf
+from hf_reference import hf_reference
 
 PRESETS = ("test-3.0", "test-3.1", "test-3.2")
 BATCH, LENGTH, START = 3, 12, 100_000  # positions far beyond the 8192-token original context
@@ -21,29 +22,6 @@ HF_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
                     "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
                     "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
                     "hidden_act", "attention_bias", "mlp_bias")
-
-
-def hf_reference(cfg, seed: int) -> LlamaForCausalLM:
-  """A random HF model of the preset's shape, weights large enough (std 0.2) that layout errors show."""
-  rope = None
-  if cfg.rope_scaling is not None:
-    rope = {"rope_type": "llama3", "factor": cfg.rope_scaling.factor,
-            "low_freq_factor": cfg.rope_scaling.low_freq_factor,
-            "high_freq_factor": cfg.rope_scaling.high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_scaling.original_context}
-  hf_cfg = LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-      rope_scaling=rope, max_position_embeddings=cfg.max_seq_len,
-      tie_word_embeddings=cfg.tie_embeddings, initializer_range=0.2, attn_implementation="eager")
-  torch.manual_seed(seed)
-  model = LlamaForCausalLM(hf_cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):  # HF initialises norms to 1, which would hide their layout.
-        p.normal_(1.0, 0.2)
-  return model
 
 
 def inputs(vocab_size: int):
@@ -58,7 +36,8 @@ def inputs(vocab_size: int):
 
 def hf_logits(model, tokens, positions) -> np.ndarray:
   with torch.no_grad():
-    return model(torch.tensor(tokens), position_ids=torch.tensor(positions)).logits.numpy()
+    logits = model(torch.tensor(tokens), position_ids=torch.tensor(positions)).logits
+  return logits.float().numpy()
 
 
 def our_logits(cfg, params, tokens, positions) -> np.ndarray:
@@ -94,6 +73,19 @@ def test_logits_match_hf(reference, name, attention_impl):
   got = our_logits(cfg, params, *inputs(cfg.vocab_size))
   assert np.abs(expected).max() > 1.0  # the comparison below is not of near-zero numbers
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["test-3.1", "test-3.2"])
+def test_bfloat16_logits_are_as_close_to_float32_as_hf_bfloat16(reference, name):
+  """bf16 weights and compute: our error against HF's float32 logits is within 1.5x of HF's own."""
+  model, path, expected = reference[name]
+  tokens, positions = inputs(model.config.vocab_size)
+  hf_bf16 = hf_logits(copy.deepcopy(model).to(torch.bfloat16), tokens, positions)
+  cfg, params = load_hf(path, dtype="bfloat16", param_dtype="bfloat16")
+  ours_bf16 = our_logits(cfg, params, tokens, positions)
+  hf_error = np.abs(hf_bf16.astype(np.float32) - expected).mean()
+  our_error = np.abs(ours_bf16.astype(np.float32) - expected).mean()
+  assert 0 < our_error < 1.5 * hf_error, (our_error, hf_error)
 
 
 def test_wrong_rope_factor_is_detected(reference):

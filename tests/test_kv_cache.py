@@ -104,3 +104,30 @@ def test_remat_keeps_loss_and_gradients(policy):
   remat_loss, remat_grads = loss_and_grads(params, cfg.replace(remat_policy=policy))
   np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), remat_grads, plain_grads)
+
+
+def test_cache_without_positions_continues_from_cache_index():
+  cfg, params = _model("test-3.1", "xla", seed=5)
+  tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, (1, 10))
+  model = l3.Transformer(cfg)
+  cache = KVCache.empty(cfg, 1, 10)
+  _, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :6]), cache=cache)
+  chunk_logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, 6:]), cache=cache)
+  np.testing.assert_allclose(np.asarray(chunk_logits[0]), _full_logits(cfg, params, tokens[0].tolist())[6:],
+                             atol=1e-5, rtol=0)
+  assert int(cache.index) == 10
+
+
+def test_logits_at_gives_full_logits_at_that_index():
+  cfg, params = _model("test-3.2", "xla", seed=6)
+  tokens = np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 9))
+  full = np.asarray(_forward(cfg, params, jnp.asarray(tokens)))
+  picked = l3.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), logits_at=jnp.array([8, 3]))
+  np.testing.assert_allclose(np.asarray(picked), full[[0, 1], [8, 3]], atol=1e-6, rtol=0)
+
+
+def test_more_tokens_than_cache_slots_is_an_error():
+  cfg, params = _model("test-3.0", "xla")
+  with pytest.raises(ValueError, match="5 tokens do not fit a KV cache of 4 slots"):
+    l3.Transformer(cfg).apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
+                              cache=KVCache.empty(cfg, 1, 4))

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from hf_reference import hf_reference
+from transformers import LlamaForCausalLM
 
 from llama3_jax import RopeScaling, Transformer, get_config
 from llama3_jax.convert import load_checkpoint, load_hf, load_meta
@@ -41,25 +42,6 @@ LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "voca
 LLAMA3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
              "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05,
              "rope_theta": 500000.0}
-
-
-def hf_model(cfg, seed: int) -> LlamaForCausalLM:
-  """Random HF weights, std 0.2 and random norms, so that any layout error shows in the logits."""
-  rope = None
-  if cfg.rope_scaling is not None:
-    rope = {"rope_type": "llama3", "factor": cfg.rope_scaling.factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-  model = LlamaForCausalLM(LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=rope,
-      max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
-      initializer_range=0.2, attn_implementation="eager"))
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
-  return model.eval()
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -131,7 +113,7 @@ def checkpoints(tmp_path_factory):
   out = {}
   for seed, name in enumerate(PRESETS):
     cfg = get_config(name)
-    model = hf_model(cfg, seed)
+    model = hf_reference(cfg, seed)
     root = tmp_path_factory.mktemp(name)
     model.save_pretrained(str(root / "hf"))
     meta = meta_state_dict(model, cfg.n_heads, cfg.n_kv_heads)

@@ -1,5 +1,6 @@
 """Hugging Face Llama checkpoints: config.json + safetensors (single file or sharded with an index)."""
 
+import contextlib
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -14,8 +15,11 @@ from llama3_jax.convert.layout import assemble_params, iter_torch_tensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
+EMBEDDING = "model.embed_tokens.weight"
 SINGLE_FILE = "model.safetensors"
-_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Llama 3's stop tokens: <|end_of_text|>, <|eom_id|>, <|eot_id|>.
+LLAMA3_BOS_ID, LLAMA3_EOS_IDS = 128000, [128001, 128008, 128009]
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -42,7 +46,6 @@ def config_from_hf(hf: Dict, **overrides) -> ModelConfig:
     raise ValueError(f"config.json head_dim={head_dim} * heads != hidden_size={hf['hidden_size']}")
   if hf.get("attention_bias") or hf.get("mlp_bias"):
     raise ValueError("config.json asks for attention/mlp biases, which Llama 3 does not have")
-  dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
   fields = dict(
       name=hf.get("_name_or_path") or "hf-llama",
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -51,8 +54,7 @@ def config_from_hf(hf: Dict, **overrides) -> ModelConfig:
       ffn_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))), rope_scaling=scaling,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      max_seq_len=hf.get("max_position_embeddings", 8192),
-      param_dtype=_DTYPE_NAMES.get(str(dtype), "float32"))
+      max_seq_len=hf.get("max_position_embeddings", 8192))
   fields.update(overrides)
   return ModelConfig(**fields)
 
@@ -67,7 +69,7 @@ def config_to_hf(cfg: ModelConfig) -> Dict:
       "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
       "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
       "attention_bias": False, "mlp_bias": False, "torch_dtype": cfg.param_dtype,
-      "bos_token_id": 128000, "eos_token_id": 128001,
+      "bos_token_id": LLAMA3_BOS_ID, "eos_token_id": LLAMA3_EOS_IDS,
   }
   if cfg.rope_scaling is not None:
     hf["rope_scaling"] = {
@@ -97,29 +99,44 @@ def _tensor_files(path: str) -> Dict[str, str]:
 
 
 def load_hf(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
-  """(config, params) from a Hugging Face checkpoint directory, read tensor by tensor."""
+  """(config, params) from a Hugging Face checkpoint directory, read tensor by tensor.
+
+  `param_dtype` defaults to the dtype the tensors are stored in.
+  """
   with open(os.path.join(path, CONFIG_FILE)) as f:
-    cfg = config_from_hf(json.load(f), **overrides)
+    hf_config = json.load(f)
   files = _tensor_files(path)
-  handles = {}
+  with contextlib.ExitStack() as stack:
+    handles = {}
 
-  def read(spec):
-    if spec.hf_name not in files:
-      raise ValueError(f"Checkpoint {path} has no tensor {spec.hf_name!r} needed by the config")
-    file = files[spec.hf_name]
-    if file not in handles:
-      if not os.path.isfile(file):
-        raise FileNotFoundError(f"Checkpoint index names {file}, which does not exist")
-      handles[file] = safetensors.safe_open(file, framework="numpy")
-    return handles[file].get_tensor(spec.hf_name)
+    def handle(name: str):
+      if name not in files:
+        raise ValueError(f"Checkpoint {path} has no tensor {name!r} needed by the config")
+      file = files[name]
+      if file not in handles:
+        if not os.path.isfile(file):
+          raise FileNotFoundError(f"Checkpoint index names {file}, which does not exist")
+        handles[file] = stack.enter_context(safetensors.safe_open(file, framework="numpy"))
+      return handles[file]
 
-  params = assemble_params(cfg, read, jnp.dtype(cfg.param_dtype))
-  logging.info("Loaded Hugging Face checkpoint %s (%d tensors)", path, len(files))
+    if "param_dtype" not in overrides:
+      stored = handle(EMBEDDING).get_slice(EMBEDDING).get_dtype()
+      if stored not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{EMBEDDING!r} is stored as {stored}; expected one of {sorted(_SAFETENSORS_DTYPES)}")
+      overrides["param_dtype"] = _SAFETENSORS_DTYPES[stored]
+    cfg = config_from_hf(hf_config, **overrides)
+    params = assemble_params(cfg, lambda spec: handle(spec.hf_name).get_tensor(spec.hf_name),
+                             jnp.dtype(cfg.param_dtype))
+  logging.info("Loaded Hugging Face checkpoint %s (%d tensors, params %s)", path, len(files),
+               cfg.param_dtype)
   return cfg, params
 
 
 def save_hf(path: str, cfg: ModelConfig, params: Dict, max_shard_bytes: Optional[int] = 5 << 30) -> None:
-  """Writes config.json and safetensors shards (with an index when there are several)."""
+  """Writes config.json and safetensors shards (with an index when there are several) into a new or
+  empty directory."""
+  if os.path.isdir(path) and os.listdir(path):
+    raise FileExistsError(f"Refusing to write a Hugging Face checkpoint into non-empty directory {path}")
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)

@@ -59,7 +59,8 @@ def tensor_specs(cfg: ModelConfig) -> Iterator[TensorSpec]:
 
 def torch_shape(spec: TensorSpec, cfg: ModelConfig) -> Tuple[int, ...]:
   """Shape of the tensor in the torch checkpoints."""
-  name = spec.path[-1] if spec.path[-1] != "scale" else spec.path[-2]
+  if spec.path[-1] == "scale":
+    return (cfg.dim,)
   return {
       "embedding": (cfg.vocab_size, cfg.dim),
       "output": (cfg.vocab_size, cfg.dim),
@@ -70,7 +71,7 @@ def torch_shape(spec: TensorSpec, cfg: ModelConfig) -> Tuple[int, ...]:
       "w1": (cfg.ffn_dim, cfg.dim),
       "w3": (cfg.ffn_dim, cfg.dim),
       "w2": (cfg.dim, cfg.ffn_dim),
-  }.get(name, (cfg.dim,))
+  }[spec.path[-1]]
 
 
 def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:

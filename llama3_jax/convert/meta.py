@@ -145,15 +145,17 @@ class _Shards:
     for file, state_dict in zip(self.files, self.state_dicts):
       if name not in state_dict:
         raise ValueError(f"Meta checkpoint shard {file} has no tensor {name!r} needed by the config")
+      _torch_dtype_name(state_dict[name], name)
     if shard_axis is None or len(self.state_dicts) == 1:
       return _to_numpy(self.state_dicts[0][name])
     return np.concatenate([_to_numpy(sd[name]) for sd in self.state_dicts], axis=shard_axis)
 
 
-def _torch_dtype_name(tensor) -> str:
+def _torch_dtype_name(tensor, tensor_name: str) -> str:
   name = _TORCH_DTYPES.get(str(tensor.dtype))
   if name is None:
-    raise ValueError(f"Meta checkpoint tensors are {tensor.dtype}; expected one of {sorted(_TORCH_DTYPES)}")
+    raise ValueError(f"Meta checkpoint tensor {tensor_name!r} is {tensor.dtype}; expected one of "
+                     f"{sorted(_TORCH_DTYPES)} (quantized checkpoints are not supported)")
   return name
 
 
@@ -188,7 +190,8 @@ def load_meta(path: str, rope_scaling_factor: Optional[float] = None,
   shards = _Shards(path)
   if "tok_embeddings.weight" not in shards:
     raise ValueError(f"Meta checkpoint shard {shards.files[0]} has no tensor 'tok_embeddings.weight'")
-  overrides.setdefault("param_dtype", _torch_dtype_name(shards.state_dicts[0]["tok_embeddings.weight"]))
+  overrides.setdefault("param_dtype", _torch_dtype_name(shards.state_dicts[0]["tok_embeddings.weight"],
+                                                         "tok_embeddings.weight"))
   cfg = config_from_meta(params_json, rope_scaling_factor, **overrides)
   if "tie_embeddings" not in overrides:
     cfg = cfg.replace(tie_embeddings=_embeddings_tied(shards, cfg))

@@ -29,13 +29,18 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
           f"[0, {vocab_size})")
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
-  """Right-padded [B, P] int32 tokens and [B] int32 lengths."""
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Right-padded [B, length] int32 tokens and [B] int32 lengths."""
   lengths = np.array([len(p) for p in prompts], np.int32)
-  tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+  tokens = np.zeros((len(prompts), length), np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
   return tokens, lengths
+
+
+def padded_length(longest: int, limit: int) -> int:
+  """The next power of two >= `longest` (at least 16), at most `limit`: few distinct compiles."""
+  return min(max(16, 1 << (longest - 1).bit_length()), limit)
 
 
 def prefill(cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache):
@@ -43,9 +48,8 @@ def prefill(cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache
   batch, length = tokens_BP.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)
-  logits_BPV, cache = Transformer(cfg).apply({"params": params}, tokens_BP, positions, segment_ids,
-                                              cache=cache)
-  return logits_BPV[jnp.arange(batch), lengths_B - 1], cache
+  return Transformer(cfg).apply({"params": params}, tokens_BP, positions, segment_ids, cache=cache,
+                               logits_at=lengths_B - 1)
 
 
 def decode_step(cfg: ModelConfig, params: Dict, token_B, position_B, cache: KVCache):
@@ -91,16 +95,19 @@ def generate(cfg: ModelConfig, params: Dict, prompts: Sequence[Sequence[int]], *
   check_prompts(prompts, cfg.vocab_size)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  tokens, lengths = pad_prompts(prompts)
-  if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
+  if sampling.top_k > cfg.vocab_size:
+    raise ValueError(f"SamplingConfig.top_k={sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})")
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
-        f"Longest prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        f"Longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
         f"model's max_seq_len {cfg.max_seq_len}")
+  tokens, lengths = pad_prompts(
+      prompts, padded_length(longest, limit=cfg.max_seq_len - max_new_tokens + 1))
+  stops = sorted(set(int(i) for i in stop_ids))
   out = np.asarray(generate_tokens(
       params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0) if rng is None else rng,
-      cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-      stop_ids=tuple(sorted(set(int(i) for i in stop_ids)))))
-  stops = set(int(i) for i in stop_ids)
+      cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=tuple(stops)))
   results = []
   for row in out:
     kept = []

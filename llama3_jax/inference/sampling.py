@@ -23,25 +23,28 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
 
 
-def filtered_logits(logits_BV: jnp.ndarray, cfg: SamplingConfig) -> jnp.ndarray:
-  """float32 logits / temperature with tokens outside the top-k / top-p set at -inf."""
-  logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
+def _filter_sorted(sorted_BV: jnp.ndarray, cfg: SamplingConfig) -> jnp.ndarray:
+  """Descending logits with ranks outside top-k, then outside the top-p mass of what is left, at -inf.
+
+  Cuts are by rank, so tied logits at the boundary are not all kept.
+  """
   if cfg.top_k:
-    kth_largest = jax.lax.top_k(logits_BV, cfg.top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_largest, -jnp.inf, logits_BV)
+    sorted_BV = jnp.where(jnp.arange(sorted_BV.shape[-1]) < cfg.top_k, sorted_BV, -jnp.inf)
   if cfg.top_p < 1.0:
-    sorted_desc = -jnp.sort(-logits_BV, axis=-1)
-    probs_desc = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs_desc, axis=-1) - probs_desc
-    # The smallest logit still kept: the set grows until it holds top_p of the mass.
-    n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
-    logits_BV = jnp.where(logits_BV < threshold, -jnp.inf, logits_BV)
-  return logits_BV
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    sorted_BV = jnp.where(mass_before_BV < cfg.top_p, sorted_BV, -jnp.inf)
+  return sorted_BV
 
 
 def sample(logits_BV: jnp.ndarray, rng: jax.Array, cfg: SamplingConfig) -> jnp.ndarray:
   """[B, V] logits -> [B] int32 token ids."""
   if cfg.temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, filtered_logits(logits_BV, cfg), axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
+  if not cfg.top_k and cfg.top_p == 1.0:
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
+  sorted_BV = _filter_sorted(jnp.take_along_axis(logits_BV, order_BV, axis=-1), cfg)
+  rank_B = jax.random.categorical(rng, sorted_BV, axis=-1)
+  return jnp.take_along_axis(order_BV, rank_B[:, None], axis=-1)[:, 0].astype(jnp.int32)

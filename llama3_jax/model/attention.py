@@ -32,7 +32,7 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jnp.ndarray:
 
 
 def fused_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jnp.ndarray:
-  """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, else XLA."""
+  """`jax.nn.dot_product_attention` with JAX's choice of implementation (XLA as of jax 0.10)."""
   return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_BTS[:, None])
 
 
@@ -40,14 +40,15 @@ ATTENTION_FNS = {"xla": xla_attention, "dot_product": fused_attention}
 
 
 class Attention(nn.Module):
-  """Self-attention over the current tokens, or over a layer's cache slots when one is given."""
+  """Self-attention over the current tokens, or over the cache slots of this layer when given one."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, layer_kv: Optional[Tuple] = None,
-               cache_index=None):
-    """Returns ([B, T, D] output, updated (k, v) of [B, S, kv_heads, head_dim] or None)."""
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv: Optional[Tuple] = None,
+               layer_index=None, cache_index=None):
+    """Returns ([B, T, D] output, whole-model cache (k, v) with this layer's new keys and values
+    written at `cache_index`, or None). Cache k, v: [layers, B, S, kv_heads, head_dim]."""
     cfg = self.cfg
     wq = declare(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg)
     wk = declare(self, "wk", (cfg.dim, cfg.n_kv_heads, cfg.head_dim),
@@ -60,15 +61,15 @@ class Attention(nn.Module):
     q = apply_rope(jnp.einsum("btd,dhk->bthk", x_BTD, wq), positions_BT, inv_freq)
     k = apply_rope(jnp.einsum("btd,dgk->btgk", x_BTD, wk), positions_BT, inv_freq)
     v = jnp.einsum("btd,dgk->btgk", x_BTD, wv)
-    q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "head_dim"))
-    k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
-    v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+    q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
+    k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+    v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
-    if layer_kv is not None:
-      cached_k, cached_v = layer_kv
-      k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
-      layer_kv = (k, v)
+    if cache_kv is not None:
+      start = (layer_index, 0, cache_index, 0, 0)
+      cache_kv = tuple(jax.lax.dynamic_update_slice(whole, new[None].astype(whole.dtype), start)
+                       for whole, new in zip(cache_kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(whole, layer_index, keepdims=False) for whole in cache_kv)
 
     out_BTHK = ATTENTION_FNS[cfg.attention_impl](q, k, v, mask_BTS)
-    return jnp.einsum("bthk,hkd->btd", out_BTHK, wo), layer_kv
+    return jnp.einsum("bthk,hkd->btd", out_BTHK, wo), cache_kv

@@ -14,6 +14,9 @@ class KVCache:
   positions:   [B, S] int32 RoPE position of the token held in each slot.
   segment_ids: [B, S] int32 segment of that token; 0 marks an empty slot, never attended to.
   index:       [] int32 next slot to write; every row writes at the same slot.
+
+  A call with T tokens needs index + T <= S; the model checks T <= S, and the caller sizes the
+  cache for the whole generation (as `generate` does): writes past the end are clamped by XLA.
   """
 
   k: jnp.ndarray

@@ -12,11 +12,11 @@ WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
 
 
 def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], cfg: ModelConfig,
-            init=WEIGHT_INIT) -> jnp.ndarray:
-  """A parameter of `shape` annotated with logical `axes`, cast to the compute dtype."""
-  value = module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+            cast: bool = True) -> jnp.ndarray:
+  """A parameter of `shape` annotated with logical `axes`, cast to the compute dtype if `cast`."""
+  value = module.param(name, nn.with_logical_partitioning(WEIGHT_INIT, tuple(axes)), tuple(shape),
                        jnp.dtype(cfg.param_dtype))
-  return jnp.asarray(value, jnp.dtype(cfg.dtype))
+  return jnp.asarray(value, jnp.dtype(cfg.dtype)) if cast else value
 
 
 class RMSNorm(nn.Module):

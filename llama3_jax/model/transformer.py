@@ -25,13 +25,15 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, layer_kv, positions_BT, mask_BTS, cache_index):
-    """(x [B, T, D], this layer's cached (k, v) or None) -> (x, updated (k, v) or None)."""
-    attn_out, layer_kv = Attention(self.cfg, name="attention")(
-        RMSNorm(self.cfg, name="attention_norm")(x_BTD), positions_BT, mask_BTS, layer_kv, cache_index)
+  def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index):
+    """carry = (x [B, T, D], whole-model cache (k, v) or None); the cache is updated in place."""
+    x_BTD, cache_kv = carry
+    attn_out, cache_kv = Attention(self.cfg, name="attention")(
+        RMSNorm(self.cfg, name="attention_norm")(x_BTD), positions_BT, mask_BTS, cache_kv, layer_index,
+        cache_index)
     x_BTD = nn.with_logical_constraint(x_BTD + attn_out, ACT_BTD)
     x_BTD = x_BTD + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x_BTD))
-    return nn.with_logical_constraint(x_BTD, ACT_BTD), layer_kv
+    return (nn.with_logical_constraint(x_BTD, ACT_BTD), cache_kv), None
 
 
 def _scanned_layers(cfg: ModelConfig):
@@ -51,48 +53,62 @@ def _scanned_layers(cfg: ModelConfig):
 class Transformer(nn.Module):
   """tokens [B, T] int -> logits [B, T, vocab] float32.
 
-  positions [B, T] (default 0..T-1) drive RoPE and causality; segment_ids [B, T] (default all 1)
-  separate packed documents, 0 marks padding. With `cache`, the tokens are written into the cache
-  slots from `cache.index` on, attend to every filled slot, and (logits, new cache) is returned.
+  positions [B, T] drive RoPE and causality (default: 0..T-1, or from `cache.index` on with a
+  cache); segment_ids [B, T] (default all 1) separate packed documents, 0 marks padding. With
+  `cache`, the tokens are written into the cache slots from `cache.index` on, attend to every
+  filled slot, and (logits, new cache) is returned. `logits_at` [B] int computes logits only at
+  that index of each row, returned as [B, vocab].
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: Optional[KVCache] = None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None,
+               logits_at=None):
     cfg = self.cfg
-    batch, length = tokens_BT.shape
-    if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones((batch, length), jnp.int32)
+    batch, length = tokens.shape
+    if cache is not None and length > cache.slots:
+      raise ValueError(f"{length} tokens do not fit a KV cache of {cache.slots} slots")
+    if positions is None:
+      start = 0 if cache is None else cache.index
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, length), jnp.int32)
 
     if cache is None:
-      layer_kvs, cache_index = None, None
-      mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
+      cache_kv, cache_index = None, None
+      mask_BTS = attention_mask(positions, segment_ids, positions, segment_ids)
     else:
       cache_index = cache.index
       kv_positions = jax.lax.dynamic_update_slice_in_dim(
-          cache.positions, positions_BT.astype(jnp.int32), cache_index, axis=1)
+          cache.positions, positions.astype(jnp.int32), cache_index, axis=1)
       kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(
-          cache.segment_ids, segment_ids_BT.astype(jnp.int32), cache_index, axis=1)
-      layer_kvs = (cache.k, cache.v)
-      mask_BTS = attention_mask(positions_BT, segment_ids_BT, kv_positions, kv_segment_ids)
+          cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, axis=1)
+      cache_kv = (cache.k, cache.v)
+      mask_BTS = attention_mask(positions, segment_ids, kv_positions, kv_segment_ids)
 
-    embedding = declare(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
-    x_BTD = nn.with_logical_constraint(jnp.take(embedding, tokens_BT, axis=0), ACT_BTD)
-    x_BTD, layer_kvs = _scanned_layers(cfg)(x_BTD, layer_kvs, positions_BT, mask_BTS, cache_index)
+    # Gather rows before casting: the whole table is cast only when it is also the output head.
+    embedding = declare(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, cast=False)
+    x_BTD = jnp.take(embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
+    (x_BTD, cache_kv), _ = _scanned_layers(cfg)(
+        (x_BTD, cache_kv), jnp.arange(cfg.n_layers), positions, mask_BTS, cache_index)
+    if logits_at is not None:
+      x_BTD = x_BTD[jnp.arange(batch), logits_at][:, None]
     x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
 
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding, preferred_element_type=jnp.float32)
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding.astype(x_BTD.dtype),
+                              preferred_element_type=jnp.float32)
     else:
       output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output, preferred_element_type=jnp.float32)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+    if logits_at is not None:
+      logits_BTV = logits_BTV[:, 0]
 
     if cache is None:
       return logits_BTV
-    new_cache = KVCache(k=layer_kvs[0], v=layer_kvs[1], positions=kv_positions,
+    new_cache = KVCache(k=cache_kv[0], v=cache_kv[1], positions=kv_positions,
                         segment_ids=kv_segment_ids, index=cache_index + length)
     return logits_BTV, new_cache

@@ -9,7 +9,9 @@ from typing import Any
 
 from llama3_jax.tokenizer.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant", "ipython")
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+# Tool results are headed `ipython`; `tool` (Meta's RawMessage role) is an alias.
+_HEADER_NAMES = {"tool": "ipython"}
 STOP_REASONS = ("end_of_turn", "end_of_message")
 # Builtin tools called as `NAME.call(query="...")`; code_interpreter calls are raw code.
 QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
@@ -118,7 +120,7 @@ class ChatFormat:
       raise ValueError(f"Unknown message role {role!r}; expected one of {list(ROLES)}")
     return [
       self.tokenizer.start_header_id,
-      *self._encode_text(role),
+      *self._encode_text(_HEADER_NAMES.get(role, role)),
       self.tokenizer.end_header_id,
       *self._encode_text("\n\n"),
     ]
