@@ -66,7 +66,12 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None,
                logits_at=None):
     cfg = self.cfg
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     batch, length = tokens.shape
+    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+      if value is not None and value.shape != tokens.shape:
+        raise ValueError(f"{name} has shape {value.shape}; expected the tokens' shape {tokens.shape}")
     if cache is not None and length > cache.slots:
       raise ValueError(f"{length} tokens do not fit a KV cache of {cache.slots} slots")
     if positions is None:
