@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 import time
 
 import jax
@@ -19,7 +20,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Meta, Hugging Face or lla
 _CONFIG = flags.DEFINE_string("config", "tiny", "Preset to initialise randomly when --checkpoint is absent.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Plain-text prompt (repeat for a batch).")
 _CHAT = flags.DEFINE_string("chat", None, "A dialog as a JSON list of {role, content} messages.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model path (default: llama-models').")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "tokenizer.model path (default: the checkpoint's, else llama-models').")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
@@ -41,6 +43,15 @@ def _load_model():
   return cfg, l3.init_params(cfg, jax.random.key(_SEED.value))
 
 
+def _tokenizer():
+  """--tokenizer, else the checkpoint's own tokenizer.model (Meta ships one), else llama-models'."""
+  path = _TOKENIZER.value
+  if not path and _CHECKPOINT.value:
+    path = os.path.join(_CHECKPOINT.value, "tokenizer.model")
+    path = path if os.path.isfile(path) else None
+  return l3.Tokenizer.from_file(path) if path else l3.Tokenizer.default()
+
+
 def _prompt_tokens(tokenizer):
   if _CHAT.value:
     messages = [l3.Message.from_dict(m) for m in json.loads(_CHAT.value)]
@@ -52,7 +63,7 @@ def _prompt_tokens(tokenizer):
 
 def main(argv):
   del argv
-  tokenizer = l3.Tokenizer.from_file(_TOKENIZER.value) if _TOKENIZER.value else l3.Tokenizer.default()
+  tokenizer = _tokenizer()
   cfg, params = _load_model()
   params = jax.device_put(params)
   prompts = _prompt_tokens(tokenizer)
