@@ -61,9 +61,9 @@ class Attention(nn.Module):
     q = apply_rope(jnp.einsum("btd,dhk->bthk", x_BTD, wq), positions_BT, inv_freq)
     k = apply_rope(jnp.einsum("btd,dgk->btgk", x_BTD, wk), positions_BT, inv_freq)
     v = jnp.einsum("btd,dgk->btgk", x_BTD, wv)
-    q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
-    k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
-    v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_head_dim"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "act_head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "act_head_dim"))
 
     if cache_kv is not None:
       start = (layer_index, 0, cache_index, 0, 0)

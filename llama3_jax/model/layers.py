@@ -47,5 +47,5 @@ class FeedForward(nn.Module):
     gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w1)
     up_BTF = jnp.einsum("btd,df->btf", x_BTD, w3)
     hidden_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF,
-                                            ("act_batch", "act_length", "act_mlp"))
+                                            ("batch", "length", "act_mlp"))
     return jnp.einsum("btf,fd->btd", hidden_BTF, w2)

@@ -16,7 +16,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ACT_BTD = ("act_batch", "act_length", "act_embed")
+ACT_BTD = ("batch", "length", "act_embed")
 
 
 class DecoderLayer(nn.Module):
@@ -108,7 +108,7 @@ class Transformer(nn.Module):
     else:
       output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output, preferred_element_type=jnp.float32)
-    logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
     if logits_at is not None:
       logits_BTV = logits_BTV[:, 0]
 
