@@ -2,3 +2,6 @@
 
 from llama3_jax.config.model_config import ModelConfig, RopeScaling, meta_ffn_dim
 from llama3_jax.config.presets import PRESETS, get_config
+from llama3_jax.config.mesh_config import MESH_AXES, MeshConfig
+from llama3_jax.config.optimizer_config import OptimizerConfig
+from llama3_jax.config.train_config import TrainConfig

@@ -8,17 +8,18 @@ from llama3_jax.config import ModelConfig
 from llama3_jax.model.transformer import Transformer
 
 
-def _init_boxed(cfg: ModelConfig, rng: jax.Array):
+def init_boxed(cfg: ModelConfig, rng: jax.Array):
+  """Parameters wrapped in `nn.LogicallyPartitioned` (their logical axes), not yet unboxed."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Transformer(cfg).init(rng, tokens)["params"]
 
 
-_init_boxed_jit = jax.jit(_init_boxed, static_argnums=0)
+_init_boxed_jit = jax.jit(init_boxed, static_argnums=0)
 
 
 def param_shapes(cfg: ModelConfig):
   """Pytree of `jax.ShapeDtypeStruct` wrapped in `nn.LogicallyPartitioned` (logical axes kept)."""
-  return jax.eval_shape(lambda rng: _init_boxed(cfg, rng), jax.random.key(0))
+  return jax.eval_shape(lambda rng: init_boxed(cfg, rng), jax.random.key(0))
 
 
 def count_params(cfg: ModelConfig) -> int:

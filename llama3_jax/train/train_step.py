@@ -1,0 +1,75 @@
+"""One optimizer step: micro-batched gradients in float32, the NaN/Inf guard and step metrics."""
+
+from typing import Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llama3_jax.config import ModelConfig, TrainConfig
+from llama3_jax.model import Transformer
+from llama3_jax.train.loss import cross_entropy_sums, shift_batch
+from llama3_jax.train.train_state import TrainState
+
+
+def split_micro_batches(tree, n: int):
+  """[B, ...] leaves -> [n, B / n, ...]."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"Batch of {x.shape[0]} rows does not split into {n} micro-batches")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree.map(split, tree)
+
+
+def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """Summed over the batch's valid targets: (cross-entropy, number of targets, gradients of
+  cross-entropy + z-loss), accumulated over micro-batches in float32."""
+  model = Transformer(model_cfg)
+
+  def objective(p, micro):
+    inputs, targets, valid = shift_batch(micro)
+    logits = model.apply({"params": p}, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
+    ce_sum, z_sum = cross_entropy_sums(logits, targets, valid)
+    return ce_sum + train_cfg.z_loss_weight * z_sum, (ce_sum, jnp.sum(valid))
+
+  def accumulate(carry, micro):
+    ce_total, count_total, grads_total = carry
+    (_, (ce_sum, count)), grads = jax.value_and_grad(objective, has_aux=True)(params, micro)
+    grads_total = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_total, grads)
+    return (ce_total + ce_sum, count_total + count, grads_total), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+  (ce_sum, count, grads), _ = jax.lax.scan(
+      accumulate, init, split_micro_batches(batch, train_cfg.micro_batches))
+  return ce_sum, count, grads
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[TrainState, Dict], Tuple[TrainState, Dict]]:
+  """A pure (state, batch) -> (state, metrics) function; jit it with the state's shardings.
+
+  batch: `tokens`, `positions`, `segment_ids` of [B, T + 1] int32 (see `shift_batch`). A step
+  whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged.
+  """
+
+  def train_step(state: TrainState, batch: Dict):
+    ce_sum, count, grad_sums = loss_sums_and_grads(state.params, batch, model_cfg, train_cfg)
+    denominator = jnp.maximum(count, 1).astype(jnp.float32)
+    loss = ce_sum / denominator
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=count,
+                   skipped=~finite)
+    return new_state, metrics
+
+  return train_step
