@@ -38,6 +38,13 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   return logical_shardings(boxed, mesh)
 
 
+def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """ShapeDtypeStructs of the state, each with its sharding on `mesh`: a restore target."""
+  shapes = jax.eval_shape(lambda r: TrainState.create(nn.unbox(init_boxed(cfg, r)), tx), jax.random.key(0))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      state_shardings(cfg, tx, mesh))
+
+
 def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                        rng: jax.Array, params: Optional[Dict] = None) -> Tuple[TrainState, Any]:
   """(state, its shardings), built inside jit with sharded outputs: from random init, or from

@@ -1,0 +1,62 @@
+"""Orbax checkpoints of a training run: train state, data-iterator position and the run config.
+
+Each save goes to a temporary directory that Orbax renames into place only once complete, so an
+interrupted save never replaces the last good checkpoint; the newest complete step is restored.
+"""
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class RunCheckpointer:
+  """Saves every `save_every` steps (asynchronously) and keeps the newest `keep` checkpoints."""
+
+  def __init__(self, directory: str, save_every: int, keep: int = 3, async_save: bool = True):
+    if save_every < 1 or keep < 1:
+      raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
+    self.directory = os.path.abspath(directory)
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return step % self.save_every == 0
+
+  def save(self, step: int, state, data_iterator, run_config: Dict) -> None:
+    """Starts saving `state`, the iterator's position and `run_config` (JSON) as `step`."""
+    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(run_config))
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    logging.info("Checkpoint of step %d started in %s", step, self.directory)
+
+  def restore(self, step: int, abstract_state, data_iterator) -> Tuple[Any, Dict]:
+    """(state placed as `abstract_state`'s shardings say, run config); moves `data_iterator` to
+    the saved position. The mesh may differ from the one that saved."""
+    args = dict(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore())
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    logging.info("Restored step %d from %s", step, self.directory)
+    return restored["state"], restored["config"]
+
+  def stored_config(self, step: int) -> Dict:
+    """The run config saved with `step`, without reading any array."""
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
