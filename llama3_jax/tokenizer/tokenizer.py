@@ -37,7 +37,8 @@ _NAMED_SPECIAL_TOKENS = (
 MAX_ENCODE_CHARS = 400_000
 # ... and cuts runs of whitespace / non-whitespace longer than this (tiktoken issue 195).
 MAX_RUN_CHARS = 25_000
-_RUN = re.compile(r"\s+|\S+")
+# Only runs longer than the cap need cutting; shorter ones are left to tiktoken whole.
+_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
 
 SpecialSet = Literal["all"] | AbstractSet[str]
 
@@ -69,7 +70,7 @@ def load_ranks(path: str) -> dict[bytes, int]:
 def _split_long_runs(text: str) -> Iterator[str]:
   """Cuts `text` so no piece holds more than MAX_RUN_CHARS consecutive (non-)whitespace."""
   start = 0
-  for run in _RUN.finditer(text):
+  for run in _LONG_RUN.finditer(text):
     for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
       yield text[start:cut]
       start = cut

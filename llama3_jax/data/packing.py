@@ -1,0 +1,101 @@
+"""Packs tokenized documents into fixed-length rows with per-document segment ids and positions.
+
+Documents are laid end to end. A document that does not fit in the rest of a row continues in the
+next row, which starts again at the document's last token so far (its positions continue from
+there): with targets = row[1:], every next-token pair inside a document is a target exactly once
+and no pair crosses a row or a document. Only the last row of finite data is padded
+(tokens `pad_id`, segment id 0, position 0). grain's ConcatThenSplitIterDataset restarts positions
+at 0 in a continued document, hence this small iterator.
+"""
+
+from typing import Any
+
+import grain
+import numpy as np
+
+
+class PackIterDataset(grain.IterDataset):
+  """Rows {tokens, segment_ids, positions}: int32 [length] each, from 1-D token arrays.
+
+  segment_ids number the documents of a row 1, 2, ... (0 = padding); positions count tokens from
+  the start of each document. Empty arrays are skipped.
+  """
+
+  def __init__(self, parent: grain.IterDataset, length: int, *, pad_id: int = 0):
+    if length < 2:
+      raise ValueError(f"Packed rows need length >= 2 (an input and a target), got {length}")
+    super().__init__(parent)
+    self._length = length
+    self._pad_id = pad_id
+
+  def __iter__(self) -> "PackDatasetIterator":
+    return PackDatasetIterator(self._parent.__iter__(), self._length, self._pad_id)
+
+  def __str__(self) -> str:
+    return f"PackIterDataset(length={self._length})"
+
+
+class PackDatasetIterator(grain.DatasetIterator):
+  """Iterator of PackIterDataset.
+
+  State: {"parent": the parent's state before the document the next row starts with,
+  "offset": that document's first token in the next row}.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, length: int, pad_id: int):
+    super().__init__(parent)
+    self._length = length
+    self._pad_id = pad_id
+    self._doc = None  # the document the next row starts with, if already read
+    self._doc_state = None  # the parent's state before `_doc`
+    self._offset = 0
+
+  def _next_doc(self) -> bool:
+    """Reads the next non-empty document; False at the end of the data."""
+    while True:
+      state = self._parent.get_state()
+      try:
+        doc = next(self._parent)
+      except StopIteration:
+        return False
+      if len(doc):
+        self._doc, self._doc_state, self._offset = doc, state, 0
+        return True
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    tokens = np.full(self._length, self._pad_id, np.int32)
+    segment_ids = np.zeros(self._length, np.int32)
+    positions = np.zeros(self._length, np.int32)
+    filled = segment = 0
+    while filled < self._length and (self._doc is not None or self._next_doc()):
+      take = min(self._length - filled, len(self._doc) - self._offset)
+      end = self._offset + take
+      segment += 1
+      tokens[filled : filled + take] = self._doc[self._offset : end]
+      segment_ids[filled : filled + take] = segment
+      positions[filled : filled + take] = np.arange(self._offset, end)
+      filled += take
+      if end == len(self._doc):
+        self._doc = None
+      else:  # the row is full: the next row repeats this row's last token as its first input
+        self._offset = end - 1
+    if not segment:
+      raise StopIteration
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+  def get_state(self) -> dict[str, Any]:
+    if self._doc is None:
+      return {"parent": self._parent.get_state(), "offset": 0}
+    return {"parent": self._doc_state, "offset": self._offset}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._doc = None
+    self._doc_state = state["parent"]
+    if state["offset"]:
+      if not self._next_doc():
+        raise ValueError(f"Packing state {state} points past the end of the data")
+      self._offset = state["offset"]
+
+  def __str__(self) -> str:
+    return f"PackDatasetIterator(length={self._length})"

@@ -1,0 +1,200 @@
+"""make_pipeline: documents -> held-out split, per-process shard, seeded shuffle per epoch, tokenize ->
+mixture of sources by token weight -> packed rows -> window shuffle of rows -> per-process batches.
+Deterministic given the seed, and checkpointable through grain's `get_state()` / `set_state()`."""
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import grain
+import numpy as np
+from absl import logging
+
+from llama3_jax.config.data_config import DataConfig
+from llama3_jax.data.corpus import embedded_corpus
+from llama3_jax.data.packing import PackIterDataset
+from llama3_jax.data.sources import DocumentSource, MalformedCounter, open_source
+
+SPLITS = ("train", "eval")
+
+
+def held_out_mask(num_docs: int, fraction: float) -> np.ndarray:
+  """bool [num_docs]: documents reserved for evaluation, chosen by a fixed hash of their index.
+
+  Seed-independent, so every run of a config evaluates on the same documents.
+  """
+  x = np.arange(num_docs, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)  # splitmix64
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  x = x ^ (x >> np.uint64(31))
+  return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+class MixIterDataset(grain.IterDataset):
+  """Interleaves documents (1-D token arrays) of several parents so each gets `weights` share of tokens.
+
+  Deterministic: the next document comes from the parent furthest below its share (fewest
+  tokens / weight; ties to the first). Empty arrays (malformed documents) are skipped; a parent that
+  yields none but those for twice its `epoch_sizes` documents in a row is an error. An exhausted parent
+  drops out; the mix ends when all have. (grain's `IterDataset.mix` weighs documents, not tokens.)
+  """
+
+  def __init__(
+      self, parents: Sequence[grain.IterDataset], weights: Sequence[float], *, names: Sequence[str],
+      epoch_sizes: Sequence[int]):
+    if not len(parents) == len(weights) == len(names) == len(epoch_sizes) > 0:
+      raise ValueError(
+          f"MixIterDataset needs as many weights ({len(weights)}), names ({len(names)}) and epoch sizes "
+          f"({len(epoch_sizes)}) as parents ({len(parents)}), at least one")
+    super().__init__(list(parents))
+    self._weights = [float(w) for w in weights]
+    self._names = list(names)
+    self._epoch_sizes = list(epoch_sizes)
+
+  def __iter__(self) -> "MixDatasetIterator":
+    return MixDatasetIterator(
+        [p.__iter__() for p in self.parents], self._weights, self._names, self._epoch_sizes)
+
+  def __str__(self) -> str:
+    return f"MixIterDataset(weights={self._weights})"
+
+
+class MixDatasetIterator(grain.DatasetIterator):
+  """State: {"parents": [states], "tokens": [tokens taken per parent], "exhausted": [bool],
+  "malformed_run": [malformed documents in a row per parent]}."""
+
+  def __init__(
+      self, parents: Sequence[grain.DatasetIterator], weights: Sequence[float], names: Sequence[str],
+      epoch_sizes: Sequence[int]):
+    super().__init__(list(parents))
+    self._weights = weights
+    self._names = names
+    self._epoch_sizes = epoch_sizes
+    self._tokens = [0] * len(parents)
+    self._exhausted = [False] * len(parents)
+    self._malformed_run = [0] * len(parents)
+
+  def __next__(self) -> np.ndarray:
+    while True:
+      live = [i for i, done in enumerate(self._exhausted) if not done]
+      if not live:
+        raise StopIteration
+      i = min(live, key=lambda j: (self._tokens[j] / self._weights[j], j))
+      try:
+        doc = next(self._parents[i])
+      except StopIteration:
+        self._exhausted[i] = True
+        continue
+      if len(doc):
+        self._malformed_run[i] = 0
+        self._tokens[i] += len(doc)
+        return doc
+      self._malformed_run[i] += 1
+      if self._malformed_run[i] >= 2 * self._epoch_sizes[i]:
+        raise ValueError(
+            f"Every document of source {self._names[i]!r} is malformed ({self._malformed_run[i]} in a row); "
+            "check the DataSource kind and field")
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+        "parents": [p.get_state() for p in self._parents],
+        "tokens": list(self._tokens),
+        "exhausted": list(self._exhausted),
+        "malformed_run": list(self._malformed_run),
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state["parents"]) != len(self._parents):
+      raise ValueError(
+          f"Mixture state has {len(state['parents'])} sources, the pipeline {len(self._parents)}")
+    for parent, parent_state in zip(self._parents, state["parents"]):
+      parent.set_state(parent_state)
+    self._tokens = [int(t) for t in state["tokens"]]
+    self._exhausted = [bool(e) for e in state["exhausted"]]
+    self._malformed_run = [int(r) for r in state["malformed_run"]]
+
+  def __str__(self) -> str:
+    return f"MixDatasetIterator(weights={self._weights})"
+
+
+def _seed(seed: int, *key: int) -> int:
+  """An independent uint32 seed for the part of the pipeline named by `key`."""
+  return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1)[0])
+
+
+def _tokenize(source: DocumentSource, tokenizer: Any, index: int) -> np.ndarray:
+  """int32 [n] ids of document `index` with BOS and EOS; empty for a malformed document."""
+  text = source[int(index)]
+  if text is None:
+    return np.zeros(0, np.int32)
+  return np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
+
+
+def _documents(
+    source: DocumentSource, source_index: int, data_cfg: DataConfig, tokenizer: Any, split: str,
+    process_index: int, process_count: int) -> tuple[grain.IterDataset, int]:
+  """One source's token arrays for this split and process, and their number per epoch."""
+  held_out = held_out_mask(len(source), data_cfg.held_out_fraction)
+  indices = np.flatnonzero(held_out if split == "eval" else ~held_out)[process_index::process_count]
+  ds = grain.MapDataset.source(indices)
+  if split == "train":
+    if not len(indices):
+      raise ValueError(
+          f"Source {source.name!r} has no training documents for process {process_index} of "
+          f"{process_count} ({len(source)} documents, held_out_fraction={data_cfg.held_out_fraction})")
+    if data_cfg.shuffle:
+      ds = ds.shuffle(seed=_seed(data_cfg.seed, 0, source_index))
+    ds = ds.repeat(data_cfg.num_epochs)
+  ds = ds.map(functools.partial(_tokenize, source, tokenizer))
+  read_options = grain.ReadOptions(
+      num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size)
+  return ds.to_iter_dataset(read_options), len(indices)
+
+
+def make_pipeline(
+    data_cfg: DataConfig, tokenizer: Any, *, split: str = "train", process_index: int = 0,
+    process_count: int = 1, counter: Optional[MalformedCounter] = None) -> grain.DatasetIterator:
+  """This process's batches: dicts of int32 [global_batch_size // process_count, seq_len + 1] arrays.
+
+  Keys `tokens`, `segment_ids` (1, 2, ... per document in a row, 0 = padding) and `positions`
+  (within the document); see packing.py. `tokenizer.encode(text, bos=True, eos=True)` tokenizes.
+  "train" repeats `num_epochs` times (None: forever), reshuffling documents each epoch and rows
+  within windows; "eval" reads the held-out documents once, unshuffled, and pads its last batch with
+  padding rows. Malformed documents skipped are counted in `counter`. Resume exactly with
+  `set_state(get_state())`.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"Need 0 <= process_index < process_count, got {process_index} and {process_count}")
+  if data_cfg.global_batch_size % process_count:
+    raise ValueError(
+        f"DataConfig.global_batch_size={data_cfg.global_batch_size} is not divisible by "
+        f"process_count={process_count}")
+  if split == "eval" and not data_cfg.held_out_fraction:
+    raise ValueError("The eval split needs DataConfig.held_out_fraction > 0")
+  counter = MalformedCounter() if counter is None else counter
+  kwargs = dict(skip_malformed=data_cfg.skip_malformed, counter=counter)
+  if data_cfg.sources:
+    sources = [open_source(s, **kwargs) for s in data_cfg.sources]
+    weights = [s.weight for s in data_cfg.sources]
+  else:
+    sources, weights = [embedded_corpus(**kwargs)], [1.0]
+  names = [s.name for s in sources]
+  streams, sizes = zip(*(
+      _documents(s, i, data_cfg, tokenizer, split, process_index, process_count)
+      for i, s in enumerate(sources)))
+  if not sum(sizes):
+    raise ValueError(
+        f"No {split} documents for process {process_index} of {process_count} "
+        f"(held_out_fraction={data_cfg.held_out_fraction}, sources {names})")
+  logging.info(
+      "Data %s split, process %d of %d: %s documents per epoch from %s.", split, process_index,
+      process_count, list(sizes), names)
+  rows = PackIterDataset(MixIterDataset(streams, weights, names=names, epoch_sizes=sizes), data_cfg.row_len)
+  if split == "train" and data_cfg.shuffle and data_cfg.row_shuffle_window > 1:
+    rows = grain.experimental.WindowShuffleIterDataset(
+        rows, window_size=data_cfg.row_shuffle_window, seed=_seed(data_cfg.seed, 1))
+  batch_size = data_cfg.global_batch_size // process_count
+  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
+  return iter(rows.batch(batch_size, batch_fn=pad_batch))
