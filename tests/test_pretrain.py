@@ -27,9 +27,9 @@ def _losses(metrics_file):
     return {r["step"]: r["loss"] for r in map(json.loads, f.read().splitlines())}
 
 
-def _pretrain_command(directory, metrics_file):
+def _pretrain_command(directory, metrics_file, save_every=5):
   return [sys.executable, os.path.join(REPO, "experiments", "pretrain.py"), "--config=tiny",
-          "--steps=20", "--global_batch_size=2", "--seq_len=32", "--lr=3e-3", "--save_every=5",
+          "--steps=20", "--global_batch_size=2", "--seq_len=32", "--lr=3e-3", f"--save_every={save_every}",
           "--eval_every=0", "--sample_tokens=0", f"--checkpoint_dir={directory}",
           f"--metrics_file={metrics_file}"]
 
@@ -94,3 +94,20 @@ def test_missing_data_path_is_named(tmp_path, tokenizer):
   run = _run(tmp_path, 1, "fsdp=8").data.replace(sources=(DataSource(str(tmp_path / "none/*.jsonl"), "jsonl"),))
   with pytest.raises(FileNotFoundError, match="none/\\*.jsonl"):
     train(RunConfig(model=l3.get_config("tiny"), data=run), tokenizer)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  metrics = tmp_path / "m.jsonl"
+  # No periodic saves: a checkpoint can only come from the SIGTERM handler.
+  victim = subprocess.Popen(_pretrain_command(tmp_path / "run", metrics, save_every=1000), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline and max(_losses(metrics), default=0) < 6:
+    time.sleep(0.2)
+  victim.send_signal(signal.SIGTERM)
+  _, stderr = victim.communicate(timeout=600)
+  assert victim.returncode == 0, stderr[-3000:]
+  last = max(_losses(metrics))
+  assert last < 20
+  assert sorted(int(d) for d in os.listdir(tmp_path / "run") if d.isdigit()) == [last]
