@@ -44,10 +44,24 @@ def _ours(cfg, params, tokens):
   prefill_jit = jax.jit(prefill, static_argnums=0)
   cache = KVCache.empty(cfg, batch, length + _NEW_TOKENS.value)
   prefill_s = _best_seconds(
-      lambda: jax.block_until_ready(prefill_jit(cfg, params, tokens_j, lengths, cache)), _REPEATS.value)
-  total_s = _best_seconds(lambda: jax.block_until_ready(generate_tokens(
-      params, tokens_j, lengths, jax.random.key(0), cfg=cfg, max_new_tokens=_NEW_TOKENS.value,
-      sampling=SamplingConfig(), stop_ids=())), _REPEATS.value)
+    lambda: jax.block_until_ready(prefill_jit(cfg, params, tokens_j, lengths, cache)),
+    _REPEATS.value,
+  )
+  total_s = _best_seconds(
+    lambda: jax.block_until_ready(
+      generate_tokens(
+        params,
+        tokens_j,
+        lengths,
+        jax.random.key(0),
+        cfg=cfg,
+        max_new_tokens=_NEW_TOKENS.value,
+        sampling=SamplingConfig(),
+        stop_ids=(),
+      )
+    ),
+    _REPEATS.value,
+  )
   return prefill_s, total_s - prefill_s
 
 
@@ -81,12 +95,16 @@ def main(argv):
   ours, theirs = _ours(cfg, params, tokens), _hf(hf_model, tokens)
   prefill_tokens = _BATCH.value * _PROMPT_LEN.value
   decode_tokens = _BATCH.value * (_NEW_TOKENS.value - 1)
-  print(f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {_BATCH.value}, prompt "
-        f"{_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, float32, jax on "
-        f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+  print(
+    f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {_BATCH.value}, prompt "
+    f"{_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, float32, jax on "
+    f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
+  )
   print(f"{'':8} {'llama3_jax tok/s':>17} {'HF tok/s':>10} {'ratio':>6}")
-  for name, count, mine, hf in (("prefill", prefill_tokens, ours[0], theirs[0]),
-                                ("decode", decode_tokens, ours[1], theirs[1])):
+  for name, count, mine, hf in (
+    ("prefill", prefill_tokens, ours[0], theirs[0]),
+    ("decode", decode_tokens, ours[1], theirs[1]),
+  ):
     print(f"{name:8} {count / mine:17.1f} {count / hf:10.1f} {hf / mine:6.2f}")
 
 

@@ -19,14 +19,21 @@ import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig, TrainConfig
 from llama3_jax.convert.hf import config_to_hf
 from llama3_jax.parallel import batch_sharding, make_mesh, mesh_context
-from llama3_jax.train import create_train_state, learning_rate_schedule, make_optimizer, make_train_step
+from llama3_jax.train import (
+  create_train_state,
+  learning_rate_schedule,
+  make_optimizer,
+  make_train_step,
+)
 from llama3_jax.train.flops import train_flops_per_token
 
 _CONFIG = flags.DEFINE_string("config", "llama3-100m", "Model preset (random weights, float32).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after 2 warm-up steps.")
-_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul measuring peak FLOP/s.")
+_MATMUL = flags.DEFINE_integer(
+  "matmul_size", 2048, "Side of the square matmul measuring peak FLOP/s."
+)
 
 
 def _seconds_per_call(fn, steps: int) -> float:
@@ -49,12 +56,18 @@ def _ours(cfg, tokens) -> float:
   opt = OptimizerConfig(warmup_steps=10, decay_steps=1000)
   tx = make_optimizer(opt, 1000)
   state, shardings = create_train_state(cfg, tx, mesh, jax.random.key(0))
-  batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
-           "segment_ids": jnp.ones_like(jnp.asarray(tokens))}
+  batch = {
+    "tokens": jnp.asarray(tokens),
+    "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+    "segment_ids": jnp.ones_like(jnp.asarray(tokens)),
+  }
   with mesh_context(mesh):
-    step = jax.jit(make_train_step(cfg, TrainConfig(), tx, learning_rate_schedule(opt, 1000)),
-                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    step = jax.jit(
+      make_train_step(cfg, TrainConfig(), tx, learning_rate_schedule(opt, 1000)),
+      in_shardings=(shardings, batch_sharding(mesh)),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
     holder = [state]
 
     def run():
@@ -65,9 +78,13 @@ def _ours(cfg, tokens) -> float:
 
 
 def _hf(cfg, tokens) -> float:
-  hf_config = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "torch_dtype")}
+  hf_config = {
+    k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "torch_dtype")
+  }
   model = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa")).train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+  optimizer = torch.optim.AdamW(
+    model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1
+  )
   input_ids = torch.tensor(tokens)
 
   def run():
@@ -88,8 +105,10 @@ def main(argv):
   flops_per_step = train_flops_per_token(cfg, _SEQ_LEN.value) * tokens_per_step
   peak = _matmul_tflops(_MATMUL.value)
   ours, theirs = _ours(cfg, tokens), _hf(cfg, tokens)
-  print(f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {_BATCH.value} x {_SEQ_LEN.value} "
-        f"tokens, float32, jax on {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+  print(
+    f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {_BATCH.value} x {_SEQ_LEN.value} "
+    f"tokens, float32, jax on {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
+  )
   print(f"measured float32 matmul peak ({_MATMUL.value}^3, jax): {peak:.3f} TFLOP/s")
   print(f"{'':12} {'tokens/s':>10} {'TFLOP/s':>9} {'of matmul peak':>15}")
   for name, seconds in (("llama3_jax", ours), ("HF + torch", theirs)):

@@ -1,6 +1,6 @@
 """Converts a checkpoint (Meta consolidated, Hugging Face or ours) to Hugging Face or our Orbax format.
 
-  python experiments/convert.py --input ~/Llama3.2-1B --output /tmp/llama3.2-1b --to orbax
+python experiments/convert.py --input ~/Llama3.2-1B --output /tmp/llama3.2-1b --to orbax
 """
 
 import os
@@ -11,12 +11,16 @@ from llama3_jax.config.model_config import DTYPES
 from llama3_jax.convert import load_checkpoint, save_hf, save_orbax
 
 _INPUT = flags.DEFINE_string("input", None, "Checkpoint directory to read.", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write; must not exist yet.", required=True)
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Directory to write; must not exist yet.", required=True
+)
 _TO = flags.DEFINE_enum("to", None, ["hf", "orbax"], "Output format.", required=True)
 _ROPE_SCALING_FACTOR = flags.DEFINE_float(
-    "rope_scaling_factor", None, "Meta checkpoints only: RoPE scaling factor (params.json lacks it).")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, list(DTYPES),
-                                 "Parameter dtype to write; default: the input's.")
+  "rope_scaling_factor", None, "Meta checkpoints only: RoPE scaling factor (params.json lacks it)."
+)
+_PARAM_DTYPE = flags.DEFINE_enum(
+  "param_dtype", None, list(DTYPES), "Parameter dtype to write; default: the input's."
+)
 
 
 def main(argv):
@@ -25,13 +29,21 @@ def main(argv):
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise app.UsageError(f"--output {output} exists and is not an empty directory")
   overrides = {"param_dtype": _PARAM_DTYPE.value} if _PARAM_DTYPE.value else {}
-  cfg, params = load_checkpoint(_INPUT.value, rope_scaling_factor=_ROPE_SCALING_FACTOR.value, **overrides)
+  cfg, params = load_checkpoint(
+    _INPUT.value, rope_scaling_factor=_ROPE_SCALING_FACTOR.value, **overrides
+  )
   if _TO.value == "hf":
     save_hf(output, cfg, params)
   else:
     save_orbax(output, cfg, params)
-  logging.info("Converted %s (%s, %s params) to %s format at %s", _INPUT.value, cfg.name,
-               cfg.param_dtype, _TO.value, output)
+  logging.info(
+    "Converted %s (%s, %s params) to %s format at %s",
+    _INPUT.value,
+    cfg.name,
+    cfg.param_dtype,
+    _TO.value,
+    output,
+  )
 
 
 if __name__ == "__main__":

@@ -16,30 +16,45 @@ import llama3_jax as l3
 from llama3_jax.config.model_config import ATTENTION_IMPLS, DTYPES
 from llama3_jax.convert import load_checkpoint
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Meta, Hugging Face or llama3_jax checkpoint dir.")
-_CONFIG = flags.DEFINE_string("config", "tiny", "Preset to initialise randomly when --checkpoint is absent.")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "Meta, Hugging Face or llama3_jax checkpoint dir."
+)
+_CONFIG = flags.DEFINE_string(
+  "config", "tiny", "Preset to initialise randomly when --checkpoint is absent."
+)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Plain-text prompt (repeat for a batch).")
 _CHAT = flags.DEFINE_string("chat", None, "A dialog as a JSON list of {role, content} messages.")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "tokenizer.model path (default: the checkpoint's, else llama-models').")
+  "tokenizer", None, "tokenizer.model path (default: the checkpoint's, else llama-models')."
+)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass.")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype override.")
-_ATTENTION = flags.DEFINE_enum("attention_impl", None, list(ATTENTION_IMPLS),
-                               "Attention override: xla einsum or jax.nn.dot_product_attention.")
+_ATTENTION = flags.DEFINE_enum(
+  "attention_impl",
+  None,
+  list(ATTENTION_IMPLS),
+  "Attention override: xla einsum or jax.nn.dot_product_attention.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and sampling.")
 
 
 def _load_model():
-  overrides = {name: flag.value for name, flag in (("dtype", _DTYPE), ("attention_impl", _ATTENTION))
-               if flag.value}
+  overrides = {
+    name: flag.value
+    for name, flag in (("dtype", _DTYPE), ("attention_impl", _ATTENTION))
+    if flag.value
+  }
   if _CHECKPOINT.value:
     return load_checkpoint(_CHECKPOINT.value, **overrides)
   cfg = l3.get_config(_CONFIG.value, **overrides)
-  logging.info("No --checkpoint: random weights for preset %s (%s parameters)", cfg.name,
-               f"{l3.count_params(cfg):,}")
+  logging.info(
+    "No --checkpoint: random weights for preset %s (%s parameters)",
+    cfg.name,
+    f"{l3.count_params(cfg):,}",
+  )
   return cfg, l3.init_params(cfg, jax.random.key(_SEED.value))
 
 
@@ -69,14 +84,23 @@ def main(argv):
   prompts = _prompt_tokens(tokenizer)
   sampling = l3.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   start = time.perf_counter()
-  outputs = l3.generate(cfg, params, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling,
-                        stop_ids=tokenizer.stop_ids, rng=jax.random.key(_SEED.value))
+  outputs = l3.generate(
+    cfg,
+    params,
+    prompts,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    sampling=sampling,
+    stop_ids=tokenizer.stop_ids,
+    rng=jax.random.key(_SEED.value),
+  )
   seconds = time.perf_counter() - start
   for prompt, output in zip(prompts, outputs):
     print(f"--- prompt ({len(prompt)} tokens)\n{tokenizer.decode(prompt)}")
     print(f"--- completion ({len(output)} tokens)\n{tokenizer.decode(output)}")
   total = sum(len(o) for o in outputs)
-  print(f"--- {total} tokens in {seconds:.2f} s including compilation ({total / seconds:.1f} tokens/s)")
+  print(
+    f"--- {total} tokens in {seconds:.2f} s including compilation ({total / seconds:.1f} tokens/s)"
+  )
 
 
 if __name__ == "__main__":

@@ -11,19 +11,31 @@ import jax
 from absl import app, flags, logging
 
 import llama3_jax as l3
-from llama3_jax.config import (CheckpointConfig, DataConfig, DataSource, MeshConfig, OptimizerConfig,
-                               RunConfig, TrainConfig)
+from llama3_jax.config import (
+  CheckpointConfig,
+  DataConfig,
+  DataSource,
+  MeshConfig,
+  OptimizerConfig,
+  RunConfig,
+  TrainConfig,
+)
 from llama3_jax.convert import load_checkpoint
 from llama3_jax.train.loop import train
 
 _CONFIG = flags.DEFINE_string("config", "tiny", "Model preset.")
 _STEPS = flags.DEFINE_integer("steps", 150, "Train up to this step.")
-_MESH = flags.DEFINE_string("mesh", "", "Parallelism degrees, e.g. 'fsdp=4,tensor=2' (default: fsdp over all).")
+_MESH = flags.DEFINE_string(
+  "mesh", "", "Parallelism degrees, e.g. 'fsdp=4,tensor=2' (default: fsdp over all)."
+)
 _BATCH = flags.DEFINE_integer("global_batch_size", 8, "Rows per step, over all processes.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
 _DATA = flags.DEFINE_multi_string(
-    "data", [], "Data files: PATTERN[@WEIGHT]; .jsonl and .array_record by extension, else text "
-    "files (one document each). Absent: the embedded standard-library corpus.")
+  "data",
+  [],
+  "Data files: PATTERN[@WEIGHT]; .jsonl and .array_record by extension, else text "
+  "files (one document each). Absent: the embedded standard-library corpus.",
+)
 _DATA_FIELD = flags.DEFINE_string("data_field", "text", "JSON field holding the text.")
 _HELD_OUT = flags.DEFINE_float("held_out_fraction", 0.01, "Documents kept out for eval loss.")
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Save here; resume from here.")
@@ -39,9 +51,13 @@ _MICRO = flags.DEFINE_integer("micro_batches", 1, "Gradient accumulation micro-b
 _Z_LOSS = flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out loss every N steps (0: never).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Progress line every N steps.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops_per_device", 0.0, "For MFU (e.g. 989 for H100 bf16).")
+_PEAK_TFLOPS = flags.DEFINE_float(
+  "peak_tflops_per_device", 0.0, "For MFU (e.g. 989 for H100 bf16)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation and data order.")
-_SAMPLE = flags.DEFINE_string("sample_prompt", "def fibonacci(n):", "Printed continuation at the end.")
+_SAMPLE = flags.DEFINE_string(
+  "sample_prompt", "def fibonacci(n):", "Printed continuation at the end."
+)
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 32, "Tokens to sample at the end.")
 
 _KINDS = {".jsonl": "jsonl", ".array_record": "array_record", ".arrayrecord": "array_record"}
@@ -52,8 +68,11 @@ def _sources():
   for spec in _DATA.value:
     pattern, _, weight = spec.partition("@")
     kind = _KINDS.get(os.path.splitext(pattern)[1], "text")
-    sources.append(DataSource(pattern, kind, float(weight or 1.0),
-                              _DATA_FIELD.value if kind != "text" else "text"))
+    sources.append(
+      DataSource(
+        pattern, kind, float(weight or 1.0), _DATA_FIELD.value if kind != "text" else "text"
+      )
+    )
   return tuple(sources)
 
 
@@ -61,18 +80,33 @@ def _run_config(model_cfg) -> RunConfig:
   steps = _STEPS.value
   warmup = _WARMUP.value if _WARMUP.value is not None else min(8000, steps // 10)
   return RunConfig(
-      model=model_cfg,
-      mesh=MeshConfig.parse(_MESH.value),
-      optimizer=OptimizerConfig(peak_lr=_LR.value, warmup_steps=warmup,
-                                decay_steps=_DECAY.value or max(steps, warmup + 1),
-                                anneal_steps=_ANNEAL.value),
-      data=DataConfig(sources=_sources(), seq_len=_SEQ_LEN.value, global_batch_size=_BATCH.value,
-                      seed=_SEED.value, held_out_fraction=_HELD_OUT.value),
-      train=TrainConfig(steps=steps, micro_batches=_MICRO.value, z_loss_weight=_Z_LOSS.value,
-                        log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
-                        peak_tflops_per_device=_PEAK_TFLOPS.value),
-      checkpoint=CheckpointConfig(directory=_CHECKPOINT_DIR.value, save_every=_SAVE_EVERY.value,
-                                  keep=_KEEP.value))
+    model=model_cfg,
+    mesh=MeshConfig.parse(_MESH.value),
+    optimizer=OptimizerConfig(
+      peak_lr=_LR.value,
+      warmup_steps=warmup,
+      decay_steps=_DECAY.value or max(steps, warmup + 1),
+      anneal_steps=_ANNEAL.value,
+    ),
+    data=DataConfig(
+      sources=_sources(),
+      seq_len=_SEQ_LEN.value,
+      global_batch_size=_BATCH.value,
+      seed=_SEED.value,
+      held_out_fraction=_HELD_OUT.value,
+    ),
+    train=TrainConfig(
+      steps=steps,
+      micro_batches=_MICRO.value,
+      z_loss_weight=_Z_LOSS.value,
+      log_every=_LOG_EVERY.value,
+      eval_every=_EVAL_EVERY.value,
+      peak_tflops_per_device=_PEAK_TFLOPS.value,
+    ),
+    checkpoint=CheckpointConfig(
+      directory=_CHECKPOINT_DIR.value, save_every=_SAVE_EVERY.value, keep=_KEEP.value
+    ),
+  )
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -80,7 +114,8 @@ class _QuietLibraries(logging.logging.Filter):
 
   def filter(self, record):
     return record.levelno > logging.INFO or not any(
-        part in record.pathname for part in ("/orbax/", "/grain/"))
+      part in record.pathname for part in ("/orbax/", "/grain/")
+    )
 
 
 def main(argv):
@@ -97,8 +132,14 @@ def main(argv):
   state = train(run, tokenizer, init_params=init_params, metrics_file=_METRICS_FILE.value)
   if _SAMPLE.value and _SAMPLE_TOKENS.value and jax.process_index() == 0:
     prompt = tokenizer.encode(_SAMPLE.value, bos=True, eos=False)
-    [sample] = l3.generate(model_cfg, state.params, [prompt], max_new_tokens=_SAMPLE_TOKENS.value,
-                           stop_ids=tokenizer.stop_ids, sampling=l3.SamplingConfig(temperature=0.0))
+    [sample] = l3.generate(
+      model_cfg,
+      state.params,
+      [prompt],
+      max_new_tokens=_SAMPLE_TOKENS.value,
+      stop_ids=tokenizer.stop_ids,
+      sampling=l3.SamplingConfig(temperature=0.0),
+    )
     print(f"--- sample after step {int(state.step)}\n{_SAMPLE.value}{tokenizer.decode(sample)}")
 
 

@@ -14,8 +14,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(binary, *flags):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", binary), *flags],
-                          capture_output=True, text=True, env=env, timeout=600)
+  result = subprocess.run(
+    [sys.executable, os.path.join(REPO, "experiments", binary), *flags],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -27,10 +32,20 @@ def test_generate_binary_greedy_completion_equals_library(tmp_path):
   l3.save_orbax(checkpoint, cfg, params)
   tokenizer = l3.Tokenizer.default()
   prompt = "Packed documents never attend across boundaries."
-  [expected] = l3.generate(cfg, params, [tokenizer.encode(prompt, bos=True, eos=False)],
-                           max_new_tokens=6, stop_ids=tokenizer.stop_ids)
-  stdout = _run("generate.py", f"--checkpoint={checkpoint}", f"--prompt={prompt}", "--temperature=0",
-                "--max_new_tokens=6")
+  [expected] = l3.generate(
+    cfg,
+    params,
+    [tokenizer.encode(prompt, bos=True, eos=False)],
+    max_new_tokens=6,
+    stop_ids=tokenizer.stop_ids,
+  )
+  stdout = _run(
+    "generate.py",
+    f"--checkpoint={checkpoint}",
+    f"--prompt={prompt}",
+    "--temperature=0",
+    "--max_new_tokens=6",
+  )
   completion = stdout.split("--- completion")[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
   assert completion == tokenizer.decode(expected)
   assert f"--- completion ({len(expected)} tokens)" in stdout

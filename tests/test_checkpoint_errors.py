@@ -12,17 +12,29 @@ from llama3_jax import get_config
 from llama3_jax.convert import load_checkpoint, load_hf, load_meta, save_hf
 
 CFG = get_config("test-3.0")  # dim 64, 2 layers, 4 heads, 2 kv heads of 16, ffn 192, vocab 512
-PARAMS_JSON = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
-               "multiple_of": 32, "norm_eps": 1e-05, "rope_theta": 500000.0}
+PARAMS_JSON = {
+  "dim": 64,
+  "n_layers": 2,
+  "n_heads": 4,
+  "n_kv_heads": 2,
+  "vocab_size": 512,
+  "multiple_of": 32,
+  "norm_eps": 1e-05,
+  "rope_theta": 500000.0,
+}
 
 
 def hf_tensors():
   """Random tensors with Hugging Face names and shapes for test-3.0."""
   rng = np.random.default_rng(0)
-  shapes = {"model.embed_tokens.weight": (512, 64), "model.norm.weight": (64,),
-            "lm_head.weight": (512, 64)}
+  shapes = {
+    "model.embed_tokens.weight": (512, 64),
+    "model.norm.weight": (64,),
+    "lm_head.weight": (512, 64),
+  }
   for i in range(2):
-    shapes.update({
+    shapes.update(
+      {
         f"model.layers.{i}.self_attn.q_proj.weight": (64, 64),
         f"model.layers.{i}.self_attn.k_proj.weight": (32, 64),
         f"model.layers.{i}.self_attn.v_proj.weight": (32, 64),
@@ -32,30 +44,54 @@ def hf_tensors():
         f"model.layers.{i}.mlp.down_proj.weight": (64, 192),
         f"model.layers.{i}.input_layernorm.weight": (64,),
         f"model.layers.{i}.post_attention_layernorm.weight": (64,),
-    })
+      }
+    )
   return {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
 
 
 def write_hf(path, tensors):
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 192,
-               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 256,
-               "tie_word_embeddings": False, "torch_dtype": "float32"}, f)
+    json.dump(
+      {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+      },
+      f,
+    )
   safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"))
   return str(path)
 
 
 def meta_tensors():
   """Random tensors with Meta names and (unsharded) shapes for test-3.0."""
-  tensors = {"tok_embeddings.weight": torch.randn(512, 64), "norm.weight": torch.randn(64),
-             "output.weight": torch.randn(512, 64)}
+  tensors = {
+    "tok_embeddings.weight": torch.randn(512, 64),
+    "norm.weight": torch.randn(64),
+    "output.weight": torch.randn(512, 64),
+  }
   for i in range(2):
-    for name, shape in (("attention.wq", (64, 64)), ("attention.wk", (32, 64)),
-                        ("attention.wv", (32, 64)), ("attention.wo", (64, 64)),
-                        ("feed_forward.w1", (192, 64)), ("feed_forward.w3", (192, 64)),
-                        ("feed_forward.w2", (64, 192)), ("attention_norm", (64,)), ("ffn_norm", (64,))):
+    for name, shape in (
+      ("attention.wq", (64, 64)),
+      ("attention.wk", (32, 64)),
+      ("attention.wv", (32, 64)),
+      ("attention.wo", (64, 64)),
+      ("feed_forward.w1", (192, 64)),
+      ("feed_forward.w3", (192, 64)),
+      ("feed_forward.w2", (64, 192)),
+      ("attention_norm", (64,)),
+      ("ffn_norm", (64,)),
+    ):
       tensors[f"layers.{i}.{name}.weight"] = torch.randn(*shape)
   return tensors
 
@@ -83,7 +119,9 @@ def test_file_instead_of_directory(tmp_path):
 def test_unrecognised_directory_lists_its_files(tmp_path):
   (tmp_path / "weights.bin").write_bytes(b"\0")
   (tmp_path / "notes.txt").write_text("hi")
-  with pytest.raises(ValueError, match=r"not a recognised checkpoint: found \['notes.txt', 'weights.bin'\]"):
+  with pytest.raises(
+    ValueError, match=r"not a recognised checkpoint: found \['notes.txt', 'weights.bin'\]"
+  ):
     load_checkpoint(str(tmp_path))
 
 
@@ -92,15 +130,19 @@ def test_hf_loads_when_well_formed(tmp_path):
   tensors = hf_tensors()
   cfg, params = load_checkpoint(write_hf(tmp_path / "hf", tensors))
   assert (cfg.dim, cfg.ffn_dim, cfg.n_kv_heads) == (64, 192, 2)
-  np.testing.assert_array_equal(params["layers"]["feed_forward"]["w2"][1],
-                                tensors["model.layers.1.mlp.down_proj.weight"].T)
+  np.testing.assert_array_equal(
+    params["layers"]["feed_forward"]["w2"][1], tensors["model.layers.1.mlp.down_proj.weight"].T
+  )
 
 
 def test_hf_shape_mismatch_names_tensor_and_shapes(tmp_path):
   tensors = hf_tensors()
   tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((48, 64), np.float32)
-  with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' has shape "
-                                       r"\(48, 64\) .* expects \(32, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' has shape "
+    r"\(48, 64\) .* expects \(32, 64\)",
+  ):
     load_hf(write_hf(tmp_path / "hf", tensors))
 
 
@@ -139,14 +181,17 @@ def test_meta_without_params_json(tmp_path):
 def test_meta_missing_tensor_names_shard(tmp_path):
   tensors = meta_tensors()
   del tensors["layers.1.feed_forward.w3.weight"]
-  with pytest.raises(ValueError,
-                     match=r"consolidated\.00\.pth has no tensor 'layers\.1\.feed_forward\.w3\.weight'"):
+  with pytest.raises(
+    ValueError, match=r"consolidated\.00\.pth has no tensor 'layers\.1\.feed_forward\.w3\.weight'"
+  ):
     load_meta(write_meta(tmp_path / "meta", {0: tensors}))
 
 
 def test_meta_shard_numbering_gap(tmp_path):
   tensors = meta_tensors()
-  with pytest.raises(ValueError, match=r"consolidated\.00\.pth to consolidated\.01\.pth with no gaps"):
+  with pytest.raises(
+    ValueError, match=r"consolidated\.00\.pth to consolidated\.01\.pth with no gaps"
+  ):
     load_meta(write_meta(tmp_path / "meta", {0: tensors, 2: tensors}))
 
 
@@ -154,8 +199,11 @@ def test_meta_shards_that_do_not_add_up(tmp_path):
   """Two files each holding the whole model (not a model-parallel split): the first column-parallel
   tensor comes out twice as tall, and the error says so with both shapes."""
   tensors = meta_tensors()
-  with pytest.raises(ValueError, match=r"'tok_embeddings\.weight' assembled from 2 shard\(s\) has shape "
-                                       r"\(1024, 64\) .* expects \(512, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'tok_embeddings\.weight' assembled from 2 shard\(s\) has shape "
+    r"\(1024, 64\) .* expects \(512, 64\)",
+  ):
     load_meta(write_meta(tmp_path / "meta", {0: tensors, 1: tensors}))
 
 
@@ -176,8 +224,11 @@ def test_pickled_code_is_refused_not_run(tmp_path):
 def test_meta_quantized_tensor_is_named(tmp_path):
   tensors = meta_tensors()
   tensors["layers.0.feed_forward.w1.weight"] = tensors["layers.0.feed_forward.w1.weight"].to(
-      torch.float8_e4m3fn)
-  with pytest.raises(ValueError, match=r"'layers\.0\.feed_forward\.w1\.weight' is torch\.float8_e4m3fn"):
+    torch.float8_e4m3fn
+  )
+  with pytest.raises(
+    ValueError, match=r"'layers\.0\.feed_forward\.w1\.weight' is torch\.float8_e4m3fn"
+  ):
     load_meta(write_meta(tmp_path / "meta", {0: tensors}))
 
 

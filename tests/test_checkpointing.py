@@ -9,7 +9,12 @@ import numpy as np
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig
 from llama3_jax.parallel import make_mesh
-from llama3_jax.train import RunCheckpointer, abstract_train_state, create_train_state, make_optimizer
+from llama3_jax.train import (
+  RunCheckpointer,
+  abstract_train_state,
+  create_train_state,
+  make_optimizer,
+)
 
 CFG = l3.get_config("test-3.0")
 

@@ -11,13 +11,13 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from llama3_jax.config.data_config import DataConfig, DataSource
 from llama3_jax.data import (
-    JsonLines,
-    MalformedCounter,
-    PackIterDataset,
-    embedded_corpus,
-    make_pipeline,
-    open_source,
-    stdlib_files,
+  JsonLines,
+  MalformedCounter,
+  PackIterDataset,
+  embedded_corpus,
+  make_pipeline,
+  open_source,
+  stdlib_files,
 )
 
 BOS, EOS = 1, 2
@@ -40,8 +40,12 @@ def pack(docs, length):
 
 def rows_of(batches):
   """The non-padding rows of a list of batches, in order."""
-  return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["tokens"]))
-          if b["segment_ids"][i].any()]
+  return [
+    {k: v[i] for k, v in b.items()}
+    for b in batches
+    for i in range(len(b["tokens"]))
+    if b["segment_ids"][i].any()
+  ]
 
 
 def stitch(rows):
@@ -93,10 +97,10 @@ def test_packing_matches_hand_computed_rows():
   rows = pack([a, b, c], 4)
   # Row 0 ends on b's first token, so row 1 starts b again; c continues from its last token so far.
   expected = [
-      ([11, 12, 13, 21], [1, 1, 1, 2], [0, 1, 2, 0]),
-      ([21, 22, 31, 32], [1, 1, 2, 2], [0, 1, 0, 1]),
-      ([32, 33, 34, 35], [1, 1, 1, 1], [1, 2, 3, 4]),
-      ([35, 36, 37, 0], [1, 1, 1, 0], [4, 5, 6, 0]),
+    ([11, 12, 13, 21], [1, 1, 1, 2], [0, 1, 2, 0]),
+    ([21, 22, 31, 32], [1, 1, 2, 2], [0, 1, 0, 1]),
+    ([32, 33, 34, 35], [1, 1, 1, 1], [1, 2, 3, 4]),
+    ([35, 36, 37, 0], [1, 1, 1, 0], [4, 5, 6, 0]),
   ]
   assert len(rows) == len(expected)
   for row, (tokens, segment_ids, positions) in zip(rows, expected):
@@ -108,7 +112,9 @@ def test_packing_matches_hand_computed_rows():
 
 def test_packing_resumes_mid_document():
   docs = [[11, 12, 13], [21, 22], [31, 32, 33, 34, 35, 36, 37]]
-  ds = PackIterDataset(grain.MapDataset.source([np.asarray(d, np.int32) for d in docs]).to_iter_dataset(), 4)
+  ds = PackIterDataset(
+    grain.MapDataset.source([np.asarray(d, np.int32) for d in docs]).to_iter_dataset(), 4
+  )
   iterator = iter(ds)
   take(iterator, 2)
   state = json.loads(json.dumps(iterator.get_state()))
@@ -122,7 +128,9 @@ def test_packing_resumes_mid_document():
 def test_no_target_crosses_a_document_and_every_pair_is_a_target_once():
   rng = np.random.default_rng(0)
   # Token 1000 * k + j is token j of document k, so ids tell document and position.
-  docs = [[1000 * k + j for j in range(n)] for k, n in enumerate(rng.integers(1, 40, size=60), start=1)]
+  docs = [
+    [1000 * k + j for j in range(n)] for k, n in enumerate(rng.integers(1, 40, size=60), start=1)
+  ]
   pairs = []
   for row in pack(docs, 16):
     seg, tokens, positions = row["segment_ids"], row["tokens"], row["positions"]
@@ -144,9 +152,15 @@ def three_sources(tmp_path):
   """Sources of 'a', 'b' and 'c' documents with different length ranges, weights 0.5/0.3/0.2."""
   rng = np.random.default_rng(1)
   sources = []
-  for letter, (low, high), weight in (("a", (5, 40), 0.5), ("b", (100, 400), 0.3), ("c", (20, 120), 0.2)):
+  for letter, (low, high), weight in (
+    ("a", (5, 40), 0.5),
+    ("b", (100, 400), 0.3),
+    ("c", (20, 120), 0.2),
+  ):
     texts = [letter * n for n in rng.integers(low, high, size=150)]
-    sources.append(DataSource(write_jsonl(tmp_path / f"{letter}.jsonl", texts), "jsonl", weight=weight))
+    sources.append(
+      DataSource(write_jsonl(tmp_path / f"{letter}.jsonl", texts), "jsonl", weight=weight)
+    )
   return tuple(sources)
 
 
@@ -161,7 +175,9 @@ def test_batches_follow_the_contract(three_sources):
 
 def test_mixture_follows_weights_in_tokens(three_sources):
   cfg = DataConfig(sources=three_sources, seq_len=128, global_batch_size=8)
-  tokens = np.concatenate([b["tokens"].ravel() for b in take(make_pipeline(cfg, CharTokenizer()), 120)])
+  tokens = np.concatenate(
+    [b["tokens"].ravel() for b in take(make_pipeline(cfg, CharTokenizer()), 120)]
+  )
   counts = np.array([np.sum(tokens == ord(letter)) for letter in "abc"])
   np.testing.assert_allclose(counts / counts.sum(), [0.5, 0.3, 0.2], atol=0.03)
 
@@ -178,11 +194,18 @@ def test_same_seed_same_batches_other_seed_other_batches(three_sources):
 def test_resume_from_serialized_state_is_exact(tmp_path, read_threads):
   rng = np.random.default_rng(2)
   texts = [f"doc{k} " + "xyz" * int(n) for k, n in enumerate(rng.integers(1, 30, size=12))]
-  sources = (DataSource(write_jsonl(tmp_path / "x.jsonl", texts), "jsonl", weight=2),
-             DataSource(write_jsonl(tmp_path / "y.jsonl", texts[:5]), "jsonl"))
+  sources = (
+    DataSource(write_jsonl(tmp_path / "x.jsonl", texts), "jsonl", weight=2),
+    DataSource(write_jsonl(tmp_path / "y.jsonl", texts[:5]), "jsonl"),
+  )
   # Short rows and few documents: the state falls inside a document, a row window and a later epoch.
-  cfg = DataConfig(sources=sources, seq_len=16, global_batch_size=4, row_shuffle_window=6,
-                   read_threads=read_threads)
+  cfg = DataConfig(
+    sources=sources,
+    seq_len=16,
+    global_batch_size=4,
+    row_shuffle_window=6,
+    read_threads=read_threads,
+  )
   iterator = make_pipeline(cfg, CharTokenizer())
   take(iterator, 23)
   checkpoint = json.dumps(iterator.get_state())
@@ -194,8 +217,13 @@ def test_resume_from_serialized_state_is_exact(tmp_path, read_threads):
 
 def test_processes_see_disjoint_documents_that_cover_all(tmp_path):
   texts = [chr(0x4E00 + k) + "z" * (k % 17) for k in range(41)]
-  cfg = DataConfig(sources=(DataSource(write_jsonl(tmp_path / "d.jsonl", texts), "jsonl"),), seq_len=24,
-                   global_batch_size=4, num_epochs=1, row_shuffle_window=0)  # rows in order, to stitch
+  cfg = DataConfig(
+    sources=(DataSource(write_jsonl(tmp_path / "d.jsonl", texts), "jsonl"),),
+    seq_len=24,
+    global_batch_size=4,
+    num_epochs=1,
+    row_shuffle_window=0,
+  )  # rows in order, to stitch
   seen = []
   for process in range(2):
     batches = list(make_pipeline(cfg, CharTokenizer(), process_index=process, process_count=2))
@@ -207,15 +235,25 @@ def test_processes_see_disjoint_documents_that_cover_all(tmp_path):
 
 def test_held_out_documents_form_the_eval_split(tmp_path):
   texts = [f"document {k}" for k in range(200)]
-  cfg = DataConfig(sources=(DataSource(write_jsonl(tmp_path / "d.jsonl", texts), "jsonl"),), seq_len=40,
-                   global_batch_size=4, num_epochs=1, held_out_fraction=0.25, row_shuffle_window=0)
+  cfg = DataConfig(
+    sources=(DataSource(write_jsonl(tmp_path / "d.jsonl", texts), "jsonl"),),
+    seq_len=40,
+    global_batch_size=4,
+    num_epochs=1,
+    held_out_fraction=0.25,
+    row_shuffle_window=0,
+  )
   train = {text_of(d) for d in stitch(rows_of(list(make_pipeline(cfg, CharTokenizer()))))}
   eval_batches = list(make_pipeline(cfg, CharTokenizer(), split="eval"))
   held_out = {text_of(d) for d in stitch(rows_of(eval_batches))}
   assert not train & held_out and train | held_out == set(texts)
   assert 30 <= len(held_out) <= 70
-  assert all(b["tokens"].shape == (4, 41) for b in eval_batches)  # the last batch padded with rows of 0s
-  assert_batches_equal(list(make_pipeline(cfg.replace(seed=5), CharTokenizer(), split="eval")), eval_batches)
+  assert all(
+    b["tokens"].shape == (4, 41) for b in eval_batches
+  )  # the last batch padded with rows of 0s
+  assert_batches_equal(
+    list(make_pipeline(cfg.replace(seed=5), CharTokenizer(), split="eval")), eval_batches
+  )
   with pytest.raises(ValueError, match="held_out_fraction"):
     make_pipeline(cfg.replace(held_out_fraction=0.0), CharTokenizer(), split="eval")
 
@@ -231,14 +269,14 @@ def test_pipeline_argument_errors(three_sources):
 # Sources and malformed rows
 
 MALFORMED_LINES = [
-    b'{"text": "first good"}',
-    b'{"text": "broken',  # line 2: invalid JSON
-    b'{"body": "no text field"}',
-    b'{"text": 7}',
-    b'{"text": "bad \xff byte"}',
-    b'{"text": "  "}',
-    b"",  # a blank line
-    b'{"text": "second good"}',
+  b'{"text": "first good"}',
+  b'{"text": "broken',  # line 2: invalid JSON
+  b'{"body": "no text field"}',
+  b'{"text": 7}',
+  b'{"text": "bad \xff byte"}',
+  b'{"text": "  "}',
+  b"",  # a blank line
+  b'{"text": "second good"}',
 ]
 
 
@@ -254,8 +292,13 @@ def test_malformed_rows_are_counted_and_skipped(malformed_jsonl):
   source = open_source(DataSource(malformed_jsonl, "jsonl"), counter=counter)
   assert [source[i] for i in range(len(source))] == ["first good"] + [None] * 6 + ["second good"]
   assert counter.counts() == {malformed_jsonl: 6} and counter.total == 6
-  cfg = DataConfig(sources=(DataSource(malformed_jsonl, "jsonl"),), seq_len=64, global_batch_size=2,
-                   num_epochs=1, row_shuffle_window=0)
+  cfg = DataConfig(
+    sources=(DataSource(malformed_jsonl, "jsonl"),),
+    seq_len=64,
+    global_batch_size=2,
+    num_epochs=1,
+    row_shuffle_window=0,
+  )
   counter = MalformedCounter()
   docs = stitch(rows_of(list(make_pipeline(cfg, CharTokenizer(), counter=counter))))
   assert sorted(map(text_of, docs)) == ["first good", "second good"]
@@ -268,8 +311,12 @@ def test_malformed_row_raises_naming_file_and_line(malformed_jsonl):
     source[1]
   with pytest.raises(ValueError, match=r"bad\.jsonl:5: not valid UTF-8"):
     source[4]
-  cfg = DataConfig(sources=(DataSource(malformed_jsonl, "jsonl"),), skip_malformed=False, num_epochs=1,
-                   read_threads=2)
+  cfg = DataConfig(
+    sources=(DataSource(malformed_jsonl, "jsonl"),),
+    skip_malformed=False,
+    num_epochs=1,
+    read_threads=2,
+  )
   with pytest.raises(ValueError, match=r"bad\.jsonl:\d: "):
     list(make_pipeline(cfg, CharTokenizer()))
 
@@ -297,24 +344,39 @@ def test_text_jsonl_and_array_record_sources(tmp_path):
   path = write_jsonl(tmp_path / "d.jsonl", ["alpha", "beta"], field="body")
   assert list(open_source(DataSource(path, "jsonl", field="body"))) == ["alpha", "beta"]
 
-  for name, field, records in (("json", "text", [b'{"text": "gamma"}', b'{"text": "delta"}']),
-                               ("plain", "", ["epsilon".encode(), "\u00e9ta".encode()])):
+  for name, field, records in (
+    ("json", "text", [b'{"text": "gamma"}', b'{"text": "delta"}']),
+    ("plain", "", ["epsilon".encode(), "\u00e9ta".encode()]),
+  ):
     writer = ArrayRecordWriter(str(tmp_path / f"{name}.array_record"), "group_size:1")
     for record in records:
       writer.write(record)
     writer.close()
-    source = open_source(DataSource(str(tmp_path / f"{name}.array_record"), "array_record", field=field))
+    source = open_source(
+      DataSource(str(tmp_path / f"{name}.array_record"), "array_record", field=field)
+    )
     assert len(source) == 2
     expected = [json.loads(r)["text"] for r in records] if field else [r.decode() for r in records]
     assert list(source) == expected
 
-  sources = (DataSource(str(tmp_path / "texts" / "**" / "*.txt"), "text"),
-             DataSource(path, "jsonl", field="body"),
-             DataSource(str(tmp_path / "*.array_record"), "array_record", field="text"))
-  cfg = DataConfig(sources=sources, seq_len=32, global_batch_size=2, num_epochs=1, row_shuffle_window=0)
+  sources = (
+    DataSource(str(tmp_path / "texts" / "**" / "*.txt"), "text"),
+    DataSource(path, "jsonl", field="body"),
+    DataSource(str(tmp_path / "*.array_record"), "array_record", field="text"),
+  )
+  cfg = DataConfig(
+    sources=sources, seq_len=32, global_batch_size=2, num_epochs=1, row_shuffle_window=0
+  )
   docs = stitch(rows_of(list(make_pipeline(cfg, CharTokenizer()))))
   # json.array_record holds 2 documents; plain.array_record's records are not JSON: skipped.
-  assert sorted(map(text_of, docs)) == ["alpha", "beta", "delta", "gamma", "nested file", "second file"]
+  assert sorted(map(text_of, docs)) == [
+    "alpha",
+    "beta",
+    "delta",
+    "gamma",
+    "nested file",
+    "second file",
+  ]
 
 
 def test_jsonl_reader_handles_no_final_newline_and_several_files(tmp_path):
@@ -360,18 +422,23 @@ def test_embedded_corpus_with_the_real_tokenizer():
 # Config
 
 
-@pytest.mark.parametrize("kwargs,field", [
+@pytest.mark.parametrize(
+  "kwargs,field",
+  [
     (dict(path_pattern="", kind="text"), "path_pattern"),
     (dict(path_pattern="x", kind="parquet"), "kind"),
     (dict(path_pattern="x", kind="text", weight=0), "weight"),
     (dict(path_pattern="x", kind="jsonl", field=""), "field"),
-])
+  ],
+)
 def test_data_source_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f"DataSource.{field}"):
     DataSource(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,field", [
+@pytest.mark.parametrize(
+  "kwargs,field",
+  [
     (dict(seq_len=0), "seq_len"),
     (dict(global_batch_size=-1), "global_batch_size"),
     (dict(seed=-1), "seed"),
@@ -379,14 +446,17 @@ def test_data_source_errors_name_the_field(kwargs, field):
     (dict(num_epochs=0), "num_epochs"),
     (dict(read_threads=-1), "read_threads"),
     (dict(sources=("a.txt",)), "sources"),
-])
+  ],
+)
 def test_data_config_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f"DataConfig.{field}"):
     DataConfig(**kwargs)
 
 
 def test_data_config_round_trips_through_a_dict():
-  cfg = DataConfig(sources=(DataSource("a/*.jsonl", "jsonl", weight=0.5), DataSource("b", "text")), seed=3)
+  cfg = DataConfig(
+    sources=(DataSource("a/*.jsonl", "jsonl", weight=0.5), DataSource("b", "text")), seed=3
+  )
   assert DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
   with pytest.raises(ValueError, match="Unknown DataConfig fields"):
     DataConfig.from_dict({"seq_length": 3})

@@ -26,7 +26,7 @@ def _greedy_without_cache(cfg, params, prompt, steps):
   sequence = list(prompt)
   for _ in range(steps):
     sequence.append(int(jnp.argmax(_last_logits(cfg, params, jnp.asarray([sequence])))))
-  return sequence[len(prompt):]
+  return sequence[len(prompt) :]
 
 
 def test_greedy_batch_with_different_prompt_lengths_matches_uncached_greedy(model):
@@ -43,7 +43,7 @@ def test_stops_before_first_stop_token_per_row(model):
   stop = free[0][2]
   stopped = generate(cfg, params, prompts, max_new_tokens=6, stop_ids=[stop])
   for row in range(2):
-    expected = free[row][:free[row].index(stop)] if stop in free[row] else free[row]
+    expected = free[row][: free[row].index(stop)] if stop in free[row] else free[row]
     assert stopped[row] == expected
 
 
@@ -51,9 +51,14 @@ def test_sampling_with_top_k_1_or_tiny_top_p_is_greedy(model):
   cfg, params = model
   prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
   greedy = generate(cfg, params, prompts, max_new_tokens=5)
-  for sampling in (SamplingConfig(temperature=1.5, top_k=1), SamplingConfig(temperature=1.5, top_p=1e-6)):
-    assert generate(cfg, params, prompts, max_new_tokens=5, sampling=sampling,
-                    rng=jax.random.key(7)) == greedy
+  for sampling in (
+    SamplingConfig(temperature=1.5, top_k=1),
+    SamplingConfig(temperature=1.5, top_p=1e-6),
+  ):
+    assert (
+      generate(cfg, params, prompts, max_new_tokens=5, sampling=sampling, rng=jax.random.key(7))
+      == greedy
+    )
 
 
 def _frequencies(logits, sampling, n=40_000):
@@ -65,7 +70,9 @@ def _frequencies(logits, sampling, n=40_000):
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
 
-@pytest.mark.parametrize("sampling,expected", [
+@pytest.mark.parametrize(
+  "sampling,expected",
+  [
     (SamplingConfig(temperature=1.0), PROBS),
     (SamplingConfig(temperature=0.5), PROBS**2 / np.sum(PROBS**2)),
     (SamplingConfig(temperature=1.0, top_k=2), np.array([0.625, 0.375, 0, 0])),
@@ -73,28 +80,36 @@ PROBS = np.array([0.5, 0.3, 0.15, 0.05])
     (SamplingConfig(temperature=1.0, top_p=0.9), np.array([0.5, 0.3, 0.15, 0]) / 0.95),
     # top-p applies to the top-k distribution renormalised: 0.625 >= 0.6 keeps one token.
     (SamplingConfig(temperature=1.0, top_k=2, top_p=0.6), np.array([1.0, 0, 0, 0])),
-])
+  ],
+)
 def test_sampling_frequencies_match_closed_form(sampling, expected):
   np.testing.assert_allclose(_frequencies(np.log(PROBS), sampling), expected, atol=0.01)
 
 
-@pytest.mark.parametrize("logits,sampling,expected", [
+@pytest.mark.parametrize(
+  "logits,sampling,expected",
+  [
     ([1.0, 1.0, 0.0, 0.0], SamplingConfig(temperature=1.0, top_k=1), [1.0, 0, 0, 0]),
     ([0.0] * 8, SamplingConfig(temperature=1.0, top_p=0.5), [0.25] * 4 + [0.0] * 4),
-])
+  ],
+)
 def test_sampling_cuts_ties_by_rank(logits, sampling, expected):
   np.testing.assert_allclose(_frequencies(np.array(logits), sampling), expected, atol=0.01)
 
 
 def test_generate_rejects_bad_input(model):
   cfg, params = model
-  with pytest.raises(ValueError, match=r"Prompt 1 has token ids \[512\] outside the vocabulary \[0, 512\)"):
+  with pytest.raises(
+    ValueError, match=r"Prompt 1 has token ids \[512\] outside the vocabulary \[0, 512\)"
+  ):
     generate(cfg, params, [[1, 2], [3, 512]], max_new_tokens=2)
   with pytest.raises(ValueError, match="Prompt 0 is empty"):
     generate(cfg, params, [[]], max_new_tokens=2)
   with pytest.raises(ValueError, match="exceeds the model's max_seq_len 16"):
     generate(cfg.replace(max_seq_len=16), params, [[1] * 10], max_new_tokens=7)
   with pytest.raises(ValueError, match=r"top_k=513 exceeds the vocabulary \(512\)"):
-    generate(cfg, params, [[1]], max_new_tokens=2, sampling=SamplingConfig(temperature=1.0, top_k=513))
+    generate(
+      cfg, params, [[1]], max_new_tokens=2, sampling=SamplingConfig(temperature=1.0, top_k=513)
+    )
   with pytest.raises(ValueError, match="top_p must be in"):
     SamplingConfig(temperature=1.0, top_p=0.0)

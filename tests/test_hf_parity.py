@@ -18,10 +18,22 @@ from hf_reference import hf_reference
 
 PRESETS = ("test-3.0", "test-3.1", "test-3.2")
 BATCH, LENGTH, START = 3, 12, 100_000  # positions far beyond the 8192-token original context
-HF_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                    "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-                    "hidden_act", "attention_bias", "mlp_bias")
+HF_CONFIG_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "num_key_value_heads",
+  "head_dim",
+  "rms_norm_eps",
+  "rope_parameters",
+  "max_position_embeddings",
+  "tie_word_embeddings",
+  "hidden_act",
+  "attention_bias",
+  "mlp_bias",
+)
 
 
 def inputs(vocab_size: int):
@@ -29,8 +41,11 @@ def inputs(vocab_size: int):
   relative distances reach every RoPE frequency band (scaled, smoothed and unscaled)."""
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab_size, (BATCH, LENGTH))
-  positions = START + 1000 * np.arange(BATCH)[:, None] + np.cumsum(
-      rng.integers(1, 4000, (BATCH, LENGTH)), axis=1)
+  positions = (
+    START
+    + 1000 * np.arange(BATCH)[:, None]
+    + np.cumsum(rng.integers(1, 4000, (BATCH, LENGTH)), axis=1)
+  )
   return tokens, positions
 
 
@@ -126,7 +141,9 @@ def test_sharded_round_trip(reference, tmp_path):
   with open(tmp_path / "model.safetensors.index.json") as f:
     shard_files = set(json.load(f)["weight_map"].values())
   assert len(shard_files) > 2
-  assert sorted(shard_files) == sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+  assert sorted(shard_files) == sorted(
+    f for f in os.listdir(tmp_path) if f.endswith(".safetensors")
+  )
   assert_same_tensors(read_safetensors_dir(src), read_safetensors_dir(str(tmp_path)))
   # Hugging Face reads the sharded checkpoint back into the same model.
   reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")

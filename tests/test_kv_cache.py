@@ -38,20 +38,26 @@ def test_cache_decoding_equals_full_forward_at_every_step(impl):
   continuation = rng.randint(0, cfg.vocab_size, (2, 6))
   tokens = np.zeros((2, 7), np.int32)
   for row, prompt in enumerate(prompts):
-    tokens[row, :len(prompt)] = prompt
+    tokens[row, : len(prompt)] = prompt
   lengths = jnp.asarray([7, 3], jnp.int32)
   cache = KVCache.empty(cfg, 2, 7 + continuation.shape[1])
-  step_logits, cache = jax.jit(prefill, static_argnums=0)(cfg, params, jnp.asarray(tokens), lengths, cache)
+  step_logits, cache = jax.jit(prefill, static_argnums=0)(
+    cfg, params, jnp.asarray(tokens), lengths, cache
+  )
   decode = jax.jit(decode_step, static_argnums=0)
   # The model is causal, so one forward pass over each whole sequence gives every step's logits.
-  full = [_full_logits(cfg, params, prompt + continuation[row].tolist())
-          for row, prompt in enumerate(prompts)]
+  full = [
+    _full_logits(cfg, params, prompt + continuation[row].tolist())
+    for row, prompt in enumerate(prompts)
+  ]
   for step in range(continuation.shape[1] + 1):
     for row, prompt in enumerate(prompts):
       expected = full[row][len(prompt) + step - 1]
       np.testing.assert_allclose(np.asarray(step_logits[row]), expected, atol=1e-5, rtol=0)
     if step < continuation.shape[1]:
-      step_logits, cache = decode(cfg, params, jnp.asarray(continuation[:, step]), lengths + step, cache)
+      step_logits, cache = decode(
+        cfg, params, jnp.asarray(continuation[:, step]), lengths + step, cache
+      )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -65,16 +71,24 @@ def test_packed_documents_see_only_themselves(impl):
   segment_ids = np.zeros(row_length, np.int32)
   start = 0
   for segment, doc in enumerate(documents, start=1):
-    tokens[start:start + len(doc)] = doc
-    positions[start:start + len(doc)] = np.arange(len(doc))
-    segment_ids[start:start + len(doc)] = segment
+    tokens[start : start + len(doc)] = doc
+    positions[start : start + len(doc)] = np.arange(len(doc))
+    segment_ids[start : start + len(doc)] = segment
     start += len(doc)
-  packed = np.asarray(_forward(cfg, params, jnp.asarray(tokens[None]), jnp.asarray(positions[None]),
-                               jnp.asarray(segment_ids[None]))[0])
+  packed = np.asarray(
+    _forward(
+      cfg,
+      params,
+      jnp.asarray(tokens[None]),
+      jnp.asarray(positions[None]),
+      jnp.asarray(segment_ids[None]),
+    )[0]
+  )
   start = 0
   for doc in documents:
-    np.testing.assert_allclose(packed[start:start + len(doc)], _full_logits(cfg, params, doc),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+      packed[start : start + len(doc)], _full_logits(cfg, params, doc), atol=1e-5, rtol=0
+    )
     start += len(doc)
 
 
@@ -86,8 +100,9 @@ def test_positions_drive_rope_not_slot_order():
   tokens = np.concatenate([doc[:5], doc])[None]
   positions = np.concatenate([np.arange(5), np.arange(1000, 1008)])[None]
   segment_ids = np.array([[1] * 5 + [2] * 8])
-  packed = np.asarray(_forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions),
-                               jnp.asarray(segment_ids))[0])
+  packed = np.asarray(
+    _forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids))[0]
+  )
   np.testing.assert_allclose(packed[5:], alone, atol=1e-5, rtol=0)
 
 
@@ -103,7 +118,9 @@ def test_remat_keeps_loss_and_gradients(policy):
   plain_loss, plain_grads = loss_and_grads(params, cfg)
   remat_loss, remat_grads = loss_and_grads(params, cfg.replace(remat_policy=policy))
   np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), remat_grads, plain_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), remat_grads, plain_grads
+  )
 
 
 def test_cache_without_positions_continues_from_cache_index():
@@ -113,8 +130,12 @@ def test_cache_without_positions_continues_from_cache_index():
   cache = KVCache.empty(cfg, 1, 10)
   _, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :6]), cache=cache)
   chunk_logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, 6:]), cache=cache)
-  np.testing.assert_allclose(np.asarray(chunk_logits[0]), _full_logits(cfg, params, tokens[0].tolist())[6:],
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(chunk_logits[0]),
+    _full_logits(cfg, params, tokens[0].tolist())[6:],
+    atol=1e-5,
+    rtol=0,
+  )
   assert int(cache.index) == 10
 
 
@@ -122,12 +143,15 @@ def test_logits_at_gives_full_logits_at_that_index():
   cfg, params = _model("test-3.2", "xla", seed=6)
   tokens = np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 9))
   full = np.asarray(_forward(cfg, params, jnp.asarray(tokens)))
-  picked = l3.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), logits_at=jnp.array([8, 3]))
+  picked = l3.Transformer(cfg).apply(
+    {"params": params}, jnp.asarray(tokens), logits_at=jnp.array([8, 3])
+  )
   np.testing.assert_allclose(np.asarray(picked), full[[0, 1], [8, 3]], atol=1e-6, rtol=0)
 
 
 def test_more_tokens_than_cache_slots_is_an_error():
   cfg, params = _model("test-3.0", "xla")
   with pytest.raises(ValueError, match="5 tokens do not fit a KV cache of 4 slots"):
-    l3.Transformer(cfg).apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
-                              cache=KVCache.empty(cfg, 1, 4))
+    l3.Transformer(cfg).apply(
+      {"params": params}, jnp.zeros((1, 5), jnp.int32), cache=KVCache.empty(cfg, 1, 4)
+    )

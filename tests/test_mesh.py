@@ -17,13 +17,16 @@ def test_parse_and_resolve_degrees():
   assert dict(mesh.shape) == dict(data=2, fsdp=2, pipeline=1, context=1, tensor=2)
 
 
-@pytest.mark.parametrize("text,message", [
+@pytest.mark.parametrize(
+  "text,message",
+  [
     ("fsdp=3", r"use 3 devices, but there are 8"),
     ("fsdp=-1,tensor=3", r"fixed mesh degrees \(3 devices\) do not divide the 8 devices"),
     ("fsdp=-1,data=-1", "At most one mesh axis may be -1"),
     ("tensr=2", "Bad mesh item 'tensr=2'"),
     ("data=3,fsdp=1,dcn_data=2", "data=3 is not divisible by dcn_data=2"),
-])
+  ],
+)
 def test_bad_degrees_are_named(text, message):
   with pytest.raises(ValueError, match=message):
     make_mesh(MeshConfig.parse(text))
@@ -31,8 +34,11 @@ def test_bad_degrees_are_named(text, message):
 
 def test_kv_heads_that_do_not_divide_tensor_are_named():
   cfg = l3.get_config("test-3.1")  # 2 kv heads
-  with pytest.raises(ValueError, match=r"layers/attention/wk: its 'kv_heads' dimension of size 2 is not "
-                                       r"divisible by mesh axes \('tensor',\) of degree 4"):
+  with pytest.raises(
+    ValueError,
+    match=r"layers/attention/wk: its 'kv_heads' dimension of size 2 is not "
+    r"divisible by mesh axes \('tensor',\) of degree 4",
+  ):
     check_divisibility(cfg, make_mesh(MeshConfig.parse("fsdp=2,tensor=4")))
 
 

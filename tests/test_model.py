@@ -44,7 +44,9 @@ def test_input_shape_errors_name_the_argument():
   tokens = jnp.zeros((2, 8), jnp.int32)
   with pytest.raises(ValueError, match=r"tokens must be \[batch, length\], got shape \(8,\)"):
     jax.eval_shape(lambda p: model.apply({"params": p}, tokens[0]), params)
-  with pytest.raises(ValueError, match=r"positions has shape \(1, 8\); expected the tokens' shape \(2, 8\)"):
+  with pytest.raises(
+    ValueError, match=r"positions has shape \(1, 8\); expected the tokens' shape \(2, 8\)"
+  ):
     jax.eval_shape(lambda p: model.apply({"params": p}, tokens, positions=tokens[:1]), params)
   with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 7\)"):
     jax.eval_shape(lambda p: model.apply({"params": p}, tokens, segment_ids=tokens[:, 1:]), params)

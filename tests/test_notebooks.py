@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "notebooks",
-                                          "*.ipynb")))
+NOTEBOOKS = sorted(
+  glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "notebooks", "*.ipynb"))
+)
 
 
 def test_there_are_notebooks():

@@ -1,7 +1,5 @@
 """The schedule, AdamW and the loss against closed forms and PyTorch; accumulation and the NaN guard."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,15 +9,33 @@ import torch
 
 import llama3_jax as l3
 from llama3_jax.config import OptimizerConfig, TrainConfig
-from llama3_jax.train import (TrainState, cross_entropy_sums, learning_rate_schedule, loss_sums_and_grads,
-                              make_optimizer, make_train_step, shift_batch)
+from llama3_jax.train import (
+  TrainState,
+  cross_entropy_sums,
+  learning_rate_schedule,
+  loss_sums_and_grads,
+  make_optimizer,
+  make_train_step,
+  shift_batch,
+)
 
 
 def test_schedule_closed_form():
-  cfg = OptimizerConfig(peak_lr=1.0, warmup_steps=10, decay_steps=110, floor_ratio=0.01, anneal_steps=20)
+  cfg = OptimizerConfig(
+    peak_lr=1.0, warmup_steps=10, decay_steps=110, floor_ratio=0.01, anneal_steps=20
+  )
   lr = learning_rate_schedule(cfg, total_steps=200)
-  expected = {0: 0.0, 5: 0.5, 10: 1.0, 60: (1.0 + 0.01) / 2, 110: 0.01, 150: 0.01, 180: 0.01,
-              190: 0.005, 200: 0.0}
+  expected = {
+    0: 0.0,
+    5: 0.5,
+    10: 1.0,
+    60: (1.0 + 0.01) / 2,
+    110: 0.01,
+    150: 0.01,
+    180: 0.01,
+    190: 0.005,
+    200: 0.0,
+  }
   for step, value in expected.items():
     assert float(lr(step)) == pytest.approx(value, abs=1e-6), step
 
@@ -35,8 +51,9 @@ def test_one_adamw_step_equals_torch():
   ours = params
   state = tx.init(params)
   torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
-  torch_opt = torch.optim.AdamW(torch_params.values(), lr=0.1, betas=(0.9, 0.95), eps=1e-5,
-                                weight_decay=0.1)
+  torch_opt = torch.optim.AdamW(
+    torch_params.values(), lr=0.1, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1
+  )
   for _ in range(3):
     updates, state = tx.update(grads, state, ours)
     ours = optax.apply_updates(ours, updates)
@@ -65,17 +82,23 @@ def test_cross_entropy_equals_torch_and_z_loss_closed_form():
   valid = rng.rand(2, 5) > 0.3
   ce_sum, z_sum = cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(valid))
   torch_targets = torch.tensor(np.where(valid, targets, -100))
-  expected = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 11),
-                                               torch_targets.reshape(-1), ignore_index=-100,
-                                               reduction="sum")
+  expected = torch.nn.functional.cross_entropy(
+    torch.tensor(logits).reshape(-1, 11),
+    torch_targets.reshape(-1),
+    ignore_index=-100,
+    reduction="sum",
+  )
   assert float(ce_sum) == pytest.approx(float(expected), rel=1e-5)
   lse = np.log(np.exp(logits).sum(-1))
   assert float(z_sum) == pytest.approx(float((lse**2 * valid).sum()), rel=1e-5)
 
 
 def test_no_target_across_documents_or_on_padding():
-  batch = {"tokens": jnp.array([[10, 11, 12, 20, 21, 0]]), "positions": jnp.array([[0, 1, 2, 0, 1, 0]]),
-           "segment_ids": jnp.array([[1, 1, 1, 2, 2, 0]])}
+  batch = {
+    "tokens": jnp.array([[10, 11, 12, 20, 21, 0]]),
+    "positions": jnp.array([[0, 1, 2, 0, 1, 0]]),
+    "segment_ids": jnp.array([[1, 1, 1, 2, 2, 0]]),
+  }
   inputs, targets, valid = shift_batch(batch)
   np.testing.assert_array_equal(inputs["tokens"], [[10, 11, 12, 20, 21]])
   np.testing.assert_array_equal(targets, [[11, 12, 20, 21, 0]])
@@ -89,8 +112,11 @@ def _batch(seed=0, rows=8, length=17):
   rng = np.random.RandomState(seed)
   segment_ids = np.repeat(np.array([[1] * 9 + [2] * 8]), rows, 0)
   positions = np.concatenate([np.arange(9), np.arange(8)])[None].repeat(rows, 0)
-  return {"tokens": jnp.asarray(rng.randint(0, CFG.vocab_size, (rows, length))),
-          "positions": jnp.asarray(positions), "segment_ids": jnp.asarray(segment_ids)}
+  return {
+    "tokens": jnp.asarray(rng.randint(0, CFG.vocab_size, (rows, length))),
+    "positions": jnp.asarray(positions),
+    "segment_ids": jnp.asarray(segment_ids),
+  }
 
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient():
@@ -100,7 +126,9 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
   ce4, n4, g4 = fn(params, _batch(), CFG, TrainConfig(micro_batches=4))
   assert int(n1) == int(n4) == 8 * 15
   assert float(ce4) == pytest.approx(float(ce1), rel=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max()), g4, g1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max()), g4, g1
+  )
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -114,5 +142,9 @@ def test_nonfinite_step_is_skipped_and_counted():
   poisoned["final_norm"]["scale"] = poisoned["final_norm"]["scale"].at[0].set(jnp.nan)
   bad_state, metrics = step(state.replace(params=poisoned), _batch(1))
   assert bool(metrics["skipped"])
-  assert (int(bad_state.step), int(bad_state.nonfinite_streak), int(bad_state.nonfinite_total)) == (1, 1, 1)
+  assert (int(bad_state.step), int(bad_state.nonfinite_streak), int(bad_state.nonfinite_total)) == (
+    1,
+    1,
+    1,
+  )
   jax.tree.map(np.testing.assert_array_equal, bad_state.opt_state, state.opt_state)

@@ -18,8 +18,9 @@ from llama3_jax.convert.orbax_io import CONFIG_FILE
 def init_params(cfg, seed: int):
   """Random numpy params of the model's tree and shapes (faster on CPU than compiling the init)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(0.0, 0.2, s.shape).astype(s.dtype),
-                      nn.unbox(param_shapes(cfg)))
+  return jax.tree.map(
+    lambda s: rng.normal(0.0, 0.2, s.shape).astype(s.dtype), nn.unbox(param_shapes(cfg))
+  )
 
 
 def assert_trees_equal(a, b):
@@ -118,8 +119,11 @@ def test_mismatched_config_errors(tmp_path):
   cfg = get_config("test-3.0")
   path = str(tmp_path / "ckpt")
   save_orbax(path, cfg, init_params(cfg, 0))
-  with pytest.raises(ValueError, match=r"'layers/attention/wk' has shape \(2, 64, 2, 16\) .* expects "
-                                       r"\(3, 64, 2, 16\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'layers/attention/wk' has shape \(2, 64, 2, 16\) .* expects "
+    r"\(3, 64, 2, 16\)",
+  ):
     load_orbax(path, n_layers=3)
   with pytest.raises(ValueError, match=r"unexpected tensors \['output'\]"):
     load_orbax(path, tie_embeddings=True)
@@ -128,8 +132,9 @@ def test_mismatched_config_errors(tmp_path):
     stored = json.load(f)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(dict(stored, ffn_dim=256), f)
-  with pytest.raises(ValueError,
-                     match=r"'layers/feed_forward/w1' has shape \(2, 64, 192\) .* \(2, 64, 256\)"):
+  with pytest.raises(
+    ValueError, match=r"'layers/feed_forward/w1' has shape \(2, 64, 192\) .* \(2, 64, 256\)"
+  ):
     load_checkpoint(path)
 
 
@@ -137,7 +142,8 @@ def test_save_checks_params_against_config(tmp_path):
   params = init_params(get_config("test-3.0"), 0)
   with pytest.raises(ValueError, match=r"unexpected tensors \['output'\]"):
     save_orbax(str(tmp_path / "ckpt"), get_config("test-3.0", tie_embeddings=True), params)
-  with pytest.raises(ValueError,
-                     match=r"'layers/attention/wk' has shape \(2, 64, 2, 16\) .* \(2, 64, 1, 16\)"):
+  with pytest.raises(
+    ValueError, match=r"'layers/attention/wk' has shape \(2, 64, 2, 16\) .* \(2, 64, 1, 16\)"
+  ):
     save_orbax(str(tmp_path / "ckpt"), get_config("test-3.0", n_kv_heads=1), params)
   assert not os.path.exists(tmp_path / "ckpt")

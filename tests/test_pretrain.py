@@ -12,8 +12,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import llama3_jax as l3
-from llama3_jax.config import (CheckpointConfig, DataConfig, DataSource, MeshConfig, OptimizerConfig,
-                               RunConfig, TrainConfig)
+from llama3_jax.config import (
+  CheckpointConfig,
+  DataConfig,
+  DataSource,
+  MeshConfig,
+  OptimizerConfig,
+  RunConfig,
+  TrainConfig,
+)
 from llama3_jax.train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,16 +35,31 @@ def _losses(metrics_file):
 
 
 def _pretrain_command(directory, metrics_file, save_every=5):
-  return [sys.executable, os.path.join(REPO, "experiments", "pretrain.py"), "--config=tiny",
-          "--steps=20", "--global_batch_size=2", "--seq_len=32", "--lr=3e-3", f"--save_every={save_every}",
-          "--eval_every=0", "--sample_tokens=0", f"--checkpoint_dir={directory}",
-          f"--metrics_file={metrics_file}"]
+  return [
+    sys.executable,
+    os.path.join(REPO, "experiments", "pretrain.py"),
+    "--config=tiny",
+    "--steps=20",
+    "--global_batch_size=2",
+    "--seq_len=32",
+    "--lr=3e-3",
+    f"--save_every={save_every}",
+    "--eval_every=0",
+    "--sample_tokens=0",
+    f"--checkpoint_dir={directory}",
+    f"--metrics_file={metrics_file}",
+  ]
 
 
 def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  straight = subprocess.run(_pretrain_command(tmp_path / "a", tmp_path / "a.jsonl"), env=env,
-                            capture_output=True, text=True, timeout=600)
+  straight = subprocess.run(
+    _pretrain_command(tmp_path / "a", tmp_path / "a.jsonl"),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert straight.returncode == 0, straight.stderr[-3000:]
 
   command = _pretrain_command(tmp_path / "b", tmp_path / "b.jsonl")
@@ -61,12 +83,13 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path):
 
 def _run(directory, steps, mesh, seed=0, **model_changes):
   return RunConfig(
-      model=l3.get_config("tiny", **model_changes),
-      mesh=MeshConfig.parse(mesh),
-      optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=2, decay_steps=20),
-      data=DataConfig(seq_len=16, global_batch_size=8, seed=seed),
-      train=TrainConfig(steps=steps, log_every=5),
-      checkpoint=CheckpointConfig(directory=str(directory), save_every=5))
+    model=l3.get_config("tiny", **model_changes),
+    mesh=MeshConfig.parse(mesh),
+    optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=2, decay_steps=20),
+    data=DataConfig(seq_len=16, global_batch_size=8, seed=seed),
+    train=TrainConfig(steps=steps, log_every=5),
+    checkpoint=CheckpointConfig(directory=str(directory), save_every=5),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +100,28 @@ def tokenizer():
 def test_checkpoint_restores_onto_another_mesh_with_the_same_losses(tmp_path, tokenizer):
   train(_run(tmp_path / "a", 8, "fsdp=8"), tokenizer, metrics_file=str(tmp_path / "a.jsonl"))
   train(_run(tmp_path / "b", 5, "fsdp=8"), tokenizer, metrics_file=str(tmp_path / "b.jsonl"))
-  state = train(_run(tmp_path / "b", 8, "fsdp=4,tensor=2"), tokenizer,
-                metrics_file=str(tmp_path / "b.jsonl"))
+  state = train(
+    _run(tmp_path / "b", 8, "fsdp=4,tensor=2"), tokenizer, metrics_file=str(tmp_path / "b.jsonl")
+  )
   assert state.params["layers"]["attention"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
   expected, got = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
-  np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5
+  )
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tokenizer):
   train(_run(tmp_path, 1, "fsdp=8"), tokenizer)
-  with pytest.raises(ValueError, match=r"does not match the model config: n_layers: checkpoint 4 vs run 2"):
+  with pytest.raises(
+    ValueError, match=r"does not match the model config: n_layers: checkpoint 4 vs run 2"
+  ):
     train(_run(tmp_path, 2, "fsdp=8", n_layers=2), tokenizer)
 
 
 def test_missing_data_path_is_named(tmp_path, tokenizer):
-  run = _run(tmp_path, 1, "fsdp=8").data.replace(sources=(DataSource(str(tmp_path / "none/*.jsonl"), "jsonl"),))
+  run = _run(tmp_path, 1, "fsdp=8").data.replace(
+    sources=(DataSource(str(tmp_path / "none/*.jsonl"), "jsonl"),)
+  )
   with pytest.raises(FileNotFoundError, match="none/\\*.jsonl"):
     train(RunConfig(model=l3.get_config("tiny"), data=run), tokenizer)
 
@@ -100,8 +130,13 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   metrics = tmp_path / "m.jsonl"
   # No periodic saves: a checkpoint can only come from the SIGTERM handler.
-  victim = subprocess.Popen(_pretrain_command(tmp_path / "run", metrics, save_every=1000), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  victim = subprocess.Popen(
+    _pretrain_command(tmp_path / "run", metrics, save_every=1000),
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 600
   while time.time() < deadline and max(_losses(metrics), default=0) < 6:
     time.sleep(0.2)

@@ -3,15 +3,19 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig, TrainConfig
 from llama3_jax.parallel import batch_sharding, make_mesh, mesh_context
-from llama3_jax.train import (create_train_state, learning_rate_schedule, loss_sums_and_grads,
-                              make_optimizer, make_train_step)
+from llama3_jax.train import (
+  create_train_state,
+  learning_rate_schedule,
+  loss_sums_and_grads,
+  make_optimizer,
+  make_train_step,
+)
 
 # 8 heads, 8 kv heads, ffn 256 and vocab 512 all divide tensor=8; embed 64 divides fsdp=8.
 CFG = l3.get_config("test-3.1", n_heads=8, n_kv_heads=8, ffn_dim=256)
@@ -34,7 +38,9 @@ def packed_batches(n: int):
         segment_ids[row, start:end] = segment
         positions[row, start:end] = np.arange(end - start)
     tokens = rng.randint(0, CFG.vocab_size, (BATCH, ROW)).astype(np.int32)
-    batches.append(dict(tokens=tokens * (segment_ids > 0), positions=positions, segment_ids=segment_ids))
+    batches.append(
+      dict(tokens=tokens * (segment_ids > 0), positions=positions, segment_ids=segment_ids)
+    )
   return batches
 
 
@@ -48,13 +54,19 @@ def train(mesh_cfg: MeshConfig, devices):
   with mesh_context(mesh):
     grads_fn = jax.jit(functools.partial(loss_sums_and_grads, model_cfg=CFG, train_cfg=TRAIN))
     _, _, grads = grads_fn(state.params, batches[0])
-    step = jax.jit(make_train_step(CFG, TRAIN, tx, learning_rate_schedule(OPT, TRAIN.steps)),
-                   in_shardings=(shardings, data_sharding), out_shardings=(shardings, None))
+    step = jax.jit(
+      make_train_step(CFG, TRAIN, tx, learning_rate_schedule(OPT, TRAIN.steps)),
+      in_shardings=(shardings, data_sharding),
+      out_shardings=(shardings, None),
+    )
     losses = []
     for batch in batches:
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
-  assert state.params["layers"]["attention"]["wq"].sharding == shardings.params["layers"]["attention"]["wq"]
+  assert (
+    state.params["layers"]["attention"]["wq"].sharding
+    == shardings.params["layers"]["attention"]["wq"]
+  )
   to_host = lambda tree: jax.tree.map(np.asarray, tree)
   return np.array(losses), to_host(grads), to_host(state.params)
 
@@ -64,7 +76,9 @@ def single_device():
   return train(MeshConfig(fsdp=1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("layout", ["fsdp=8", "tensor=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize(
+  "layout", ["fsdp=8", "tensor=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
+)
 def test_layout_matches_single_device(single_device, layout):
   """fp32 throughout; sharded reductions sum in a different order, so losses agree to 1e-5
   relative, gradients to 1e-5 of each tensor's largest entry, parameters after 3 Adam steps
@@ -74,6 +88,9 @@ def test_layout_matches_single_device(single_device, layout):
   ref_losses, ref_grads, ref_params = single_device
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert losses[-1] < losses[0]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max()),
-               grads, ref_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max()),
+    grads,
+    ref_grads,
+  )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params, ref_params)

@@ -24,16 +24,23 @@ class DataSource:
 
   def __post_init__(self):
     if not isinstance(self.path_pattern, str) or not self.path_pattern:
-      raise ValueError(f"DataSource.path_pattern must be a non-empty string, got {self.path_pattern!r}")
+      raise ValueError(
+        f"DataSource.path_pattern must be a non-empty string, got {self.path_pattern!r}"
+      )
     if self.kind not in SOURCE_KINDS:
       raise ValueError(f"DataSource.kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
-    if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
-        math.isfinite(self.weight) and self.weight > 0):
+    if (
+      isinstance(self.weight, bool)
+      or not isinstance(self.weight, (int, float))
+      or not (math.isfinite(self.weight) and self.weight > 0)
+    ):
       raise ValueError(f"DataSource.weight must be a finite number > 0, got {self.weight!r}")
     if not isinstance(self.field, str):
       raise ValueError(f"DataSource.field must be a string, got {self.field!r}")
     if self.kind == "jsonl" and not self.field:
-      raise ValueError(f"DataSource.field must name the JSON text field of jsonl {self.path_pattern!r}")
+      raise ValueError(
+        f"DataSource.field must name the JSON text field of jsonl {self.path_pattern!r}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +72,32 @@ class DataConfig:
   def __post_init__(self):
     if isinstance(self.sources, list):
       object.__setattr__(self, "sources", tuple(self.sources))
-    if not isinstance(self.sources, tuple) or not all(isinstance(s, DataSource) for s in self.sources):
+    if not isinstance(self.sources, tuple) or not all(
+      isinstance(s, DataSource) for s in self.sources
+    ):
       raise ValueError(f"DataConfig.sources must be a tuple of DataSource, got {self.sources!r}")
     for field in ("seq_len", "global_batch_size"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"DataConfig.{field} must be a positive int, got {value!r}")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+    if (
+      isinstance(self.seed, bool)
+      or not isinstance(self.seed, int)
+      or not 0 <= self.seed <= MAX_SEED
+    ):
       raise ValueError(f"DataConfig.seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
     if self.num_epochs is not None and (
-        isinstance(self.num_epochs, bool) or not isinstance(self.num_epochs, int) or self.num_epochs <= 0):
-      raise ValueError(f"DataConfig.num_epochs must be None (forever) or an int > 0, got {self.num_epochs!r}")
+      isinstance(self.num_epochs, bool)
+      or not isinstance(self.num_epochs, int)
+      or self.num_epochs <= 0
+    ):
+      raise ValueError(
+        f"DataConfig.num_epochs must be None (forever) or an int > 0, got {self.num_epochs!r}"
+      )
     if not isinstance(self.held_out_fraction, (int, float)) or not 0 <= self.held_out_fraction < 1:
-      raise ValueError(f"DataConfig.held_out_fraction must be in [0, 1), got {self.held_out_fraction!r}")
+      raise ValueError(
+        f"DataConfig.held_out_fraction must be in [0, 1), got {self.held_out_fraction!r}"
+      )
     for field in ("row_shuffle_window", "read_threads", "read_buffer_size"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -103,5 +123,7 @@ class DataConfig:
       raise ValueError(f"Unknown DataConfig fields {unknown}; known: {sorted(known)}")
     d = dict(d)
     if "sources" in d:
-      d["sources"] = tuple(s if isinstance(s, DataSource) else DataSource(**s) for s in d["sources"])
+      d["sources"] = tuple(
+        s if isinstance(s, DataSource) else DataSource(**s) for s in d["sources"]
+      )
     return cls(**d)

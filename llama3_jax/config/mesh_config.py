@@ -42,14 +42,18 @@ class MeshConfig:
       known *= degree if degree != -1 else 1
     if -1 in self.degrees():
       if n_devices % known:
-        raise ValueError(f"The fixed mesh degrees ({known} devices) do not divide the {n_devices} devices")
+        raise ValueError(
+          f"The fixed mesh degrees ({known} devices) do not divide the {n_devices} devices"
+        )
       fill = n_devices // known
       return dataclasses.replace(
-          self, **{axis: fill for axis, degree in zip(MESH_AXES, self.degrees()) if degree == -1})
+        self, **{axis: fill for axis, degree in zip(MESH_AXES, self.degrees()) if degree == -1}
+      )
     if known != n_devices:
       raise ValueError(
-          f"Mesh degrees {dict(zip(MESH_AXES, self.degrees()))} use {known} devices, but there are "
-          f"{n_devices}; make the product equal or set one axis to -1")
+        f"Mesh degrees {dict(zip(MESH_AXES, self.degrees()))} use {known} devices, but there are "
+        f"{n_devices}; make the product equal or set one axis to -1"
+      )
     return self
 
   @classmethod
@@ -59,7 +63,9 @@ class MeshConfig:
     for item in filter(None, (part.strip() for part in text.split(","))):
       name, sep, value = item.partition("=")
       if not sep or name.strip() not in MESH_AXES + ("dcn_data",):
-        raise ValueError(f"Bad mesh item {item!r}; expected AXIS=N with AXIS in {MESH_AXES + ('dcn_data',)}")
+        raise ValueError(
+          f"Bad mesh item {item!r}; expected AXIS=N with AXIS in {MESH_AXES + ('dcn_data',)}"
+        )
       degrees[name.strip()] = int(value)
     if "fsdp" not in degrees:
       degrees["fsdp"] = 1 if -1 in degrees.values() else -1

@@ -30,8 +30,9 @@ class RopeScaling:
       raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
     if not 0 < self.low_freq_factor < self.high_freq_factor:
       raise ValueError(
-          "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
-          f"{self.low_freq_factor} and {self.high_freq_factor}")
+        "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+        f"{self.low_freq_factor} and {self.high_freq_factor}"
+      )
     if self.original_context <= 0:
       raise ValueError(f"RopeScaling.original_context must be > 0, got {self.original_context}")
 
@@ -62,7 +63,15 @@ class ModelConfig:
   remat_policy: str = "none"
 
   def __post_init__(self):
-    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+    for field in (
+      "vocab_size",
+      "dim",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "ffn_dim",
+      "max_seq_len",
+    ):
       value = getattr(self, field)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
@@ -70,20 +79,25 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
-          f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got dim/n_heads = {self.head_dim}")
     if self.norm_eps <= 0 or self.rope_theta <= 0:
       raise ValueError("ModelConfig.norm_eps and rope_theta must be > 0")
     for field in ("param_dtype", "dtype"):
       if getattr(self, field) not in DTYPES:
-        raise ValueError(f"ModelConfig.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
+        raise ValueError(
+          f"ModelConfig.{field} must be one of {DTYPES}, got {getattr(self, field)!r}"
+        )
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
-          f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+      )
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
-          f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}"
+      )
 
   @property
   def head_dim(self) -> int:

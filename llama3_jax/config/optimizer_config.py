@@ -32,12 +32,16 @@ class OptimizerConfig:
     if self.warmup_steps < 0 or self.anneal_steps < 0:
       raise ValueError("OptimizerConfig.warmup_steps and anneal_steps must be >= 0")
     if self.decay_steps <= self.warmup_steps:
-      raise ValueError(f"OptimizerConfig.decay_steps={self.decay_steps} must exceed warmup_steps="
-                       f"{self.warmup_steps}")
+      raise ValueError(
+        f"OptimizerConfig.decay_steps={self.decay_steps} must exceed warmup_steps="
+        f"{self.warmup_steps}"
+      )
     if not 0 <= self.floor_ratio <= 1:
       raise ValueError(f"OptimizerConfig.floor_ratio must be in [0, 1], got {self.floor_ratio}")
     if self.weight_decay_mask not in WEIGHT_DECAY_MASKS:
-      raise ValueError(f"OptimizerConfig.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got "
-                       f"{self.weight_decay_mask!r}")
+      raise ValueError(
+        f"OptimizerConfig.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got "
+        f"{self.weight_decay_mask!r}"
+      )
     if self.clip_norm < 0:
       raise ValueError(f"OptimizerConfig.clip_norm must be >= 0, got {self.clip_norm}")

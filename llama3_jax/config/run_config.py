@@ -38,6 +38,11 @@ class RunConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "RunConfig":
-    return cls(model=ModelConfig.from_dict(d["model"]), mesh=MeshConfig(**d["mesh"]),
-               optimizer=OptimizerConfig(**d["optimizer"]), data=DataConfig.from_dict(d["data"]),
-               train=TrainConfig(**d["train"]), checkpoint=CheckpointConfig(**d["checkpoint"]))
+    return cls(
+      model=ModelConfig.from_dict(d["model"]),
+      mesh=MeshConfig(**d["mesh"]),
+      optimizer=OptimizerConfig(**d["optimizer"]),
+      data=DataConfig.from_dict(d["data"]),
+      train=TrainConfig(**d["train"]),
+      checkpoint=CheckpointConfig(**d["checkpoint"]),
+    )

@@ -24,7 +24,8 @@ LLAMA3_BOS_ID, LLAMA3_EOS_IDS = 128000, [128001, 128008, 128009]
 
 def is_hf_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
-      f.endswith(".safetensors") for f in os.listdir(path))
+    f.endswith(".safetensors") for f in os.listdir(path)
+  )
 
 
 def config_from_hf(hf: Dict, **overrides) -> ModelConfig:
@@ -34,27 +35,36 @@ def config_from_hf(hf: Dict, **overrides) -> ModelConfig:
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in ("default", "llama3"):
-    raise ValueError(f"config.json rope type {rope_type!r} is not supported; expected 'llama3' or none")
+    raise ValueError(
+      f"config.json rope type {rope_type!r} is not supported; expected 'llama3' or none"
+    )
   scaling = None
   if rope_type == "llama3":
     scaling = RopeScaling(
-        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_context=int(rope["original_max_position_embeddings"]))
+      factor=float(rope["factor"]),
+      low_freq_factor=float(rope["low_freq_factor"]),
+      high_freq_factor=float(rope["high_freq_factor"]),
+      original_context=int(rope["original_max_position_embeddings"]),
+    )
   head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
   if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
     raise ValueError(f"config.json head_dim={head_dim} * heads != hidden_size={hf['hidden_size']}")
   if hf.get("attention_bias") or hf.get("mlp_bias"):
     raise ValueError("config.json asks for attention/mlp biases, which Llama 3 does not have")
   fields = dict(
-      name=hf.get("_name_or_path") or "hf-llama",
-      vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-      n_heads=hf["num_attention_heads"],
-      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-      ffn_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))), rope_scaling=scaling,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      max_seq_len=hf.get("max_position_embeddings", 8192))
+    name=hf.get("_name_or_path") or "hf-llama",
+    vocab_size=hf["vocab_size"],
+    dim=hf["hidden_size"],
+    n_layers=hf["num_hidden_layers"],
+    n_heads=hf["num_attention_heads"],
+    n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+    ffn_dim=hf["intermediate_size"],
+    norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+    rope_scaling=scaling,
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    max_seq_len=hf.get("max_position_embeddings", 8192),
+  )
   fields.update(overrides)
   return ModelConfig(**fields)
 
@@ -62,21 +72,33 @@ def config_from_hf(hf: Dict, **overrides) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> Dict:
   """A LlamaConfig dict in the layout of Meta's published config.json files."""
   hf = {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-      "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-      "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-      "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-      "attention_bias": False, "mlp_bias": False, "torch_dtype": cfg.param_dtype,
-      "bos_token_id": LLAMA3_BOS_ID, "eos_token_id": LLAMA3_EOS_IDS,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.dim,
+    "intermediate_size": cfg.ffn_dim,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "max_position_embeddings": cfg.max_seq_len,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "torch_dtype": cfg.param_dtype,
+    "bos_token_id": LLAMA3_BOS_ID,
+    "eos_token_id": LLAMA3_EOS_IDS,
   }
   if cfg.rope_scaling is not None:
     hf["rope_scaling"] = {
-        "rope_type": "llama3", "factor": cfg.rope_scaling.factor,
-        "low_freq_factor": cfg.rope_scaling.low_freq_factor,
-        "high_freq_factor": cfg.rope_scaling.high_freq_factor,
-        "original_max_position_embeddings": cfg.rope_scaling.original_context,
+      "rope_type": "llama3",
+      "factor": cfg.rope_scaling.factor,
+      "low_freq_factor": cfg.rope_scaling.low_freq_factor,
+      "high_freq_factor": cfg.rope_scaling.high_freq_factor,
+      "original_max_position_embeddings": cfg.rope_scaling.original_context,
     }
   return hf
 
@@ -122,21 +144,29 @@ def load_hf(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
     if "param_dtype" not in overrides:
       stored = handle(EMBEDDING).get_slice(EMBEDDING).get_dtype()
       if stored not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"{EMBEDDING!r} is stored as {stored}; expected one of {sorted(_SAFETENSORS_DTYPES)}")
+        raise ValueError(
+          f"{EMBEDDING!r} is stored as {stored}; expected one of {sorted(_SAFETENSORS_DTYPES)}"
+        )
       overrides["param_dtype"] = _SAFETENSORS_DTYPES[stored]
     cfg = config_from_hf(hf_config, **overrides)
-    params = assemble_params(cfg, lambda spec: handle(spec.hf_name).get_tensor(spec.hf_name),
-                             jnp.dtype(cfg.param_dtype))
-  logging.info("Loaded Hugging Face checkpoint %s (%d tensors, params %s)", path, len(files),
-               cfg.param_dtype)
+    params = assemble_params(
+      cfg, lambda spec: handle(spec.hf_name).get_tensor(spec.hf_name), jnp.dtype(cfg.param_dtype)
+    )
+  logging.info(
+    "Loaded Hugging Face checkpoint %s (%d tensors, params %s)", path, len(files), cfg.param_dtype
+  )
   return cfg, params
 
 
-def save_hf(path: str, cfg: ModelConfig, params: Dict, max_shard_bytes: Optional[int] = 5 << 30) -> None:
+def save_hf(
+  path: str, cfg: ModelConfig, params: Dict, max_shard_bytes: Optional[int] = 5 << 30
+) -> None:
   """Writes config.json and safetensors shards (with an index when there are several) into a new or
   empty directory."""
   if os.path.isdir(path) and os.listdir(path):
-    raise FileExistsError(f"Refusing to write a Hugging Face checkpoint into non-empty directory {path}")
+    raise FileExistsError(
+      f"Refusing to write a Hugging Face checkpoint into non-empty directory {path}"
+    )
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)
@@ -149,7 +179,9 @@ def save_hf(path: str, cfg: ModelConfig, params: Dict, max_shard_bytes: Optional
     size += w.nbytes
   shards.append(current)
   if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+    safetensors.numpy.save_file(
+      shards[0], os.path.join(path, SINGLE_FILE), metadata={"format": "pt"}
+    )
     return
   weight_map = {}
   for i, shard in enumerate(shards):

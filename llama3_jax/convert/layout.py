@@ -32,26 +32,35 @@ class TensorSpec:
 
 
 _LAYER_TENSORS = (
-    # our path under "layers",       HF suffix,                        Meta suffix,           shard axis,  rope
-    (("attention", "wq"), "self_attn.q_proj.weight", "attention.wq.weight", COLUMN_PARALLEL, True),
-    (("attention", "wk"), "self_attn.k_proj.weight", "attention.wk.weight", COLUMN_PARALLEL, True),
-    (("attention", "wv"), "self_attn.v_proj.weight", "attention.wv.weight", COLUMN_PARALLEL, False),
-    (("attention", "wo"), "self_attn.o_proj.weight", "attention.wo.weight", ROW_PARALLEL, False),
-    (("feed_forward", "w1"), "mlp.gate_proj.weight", "feed_forward.w1.weight", COLUMN_PARALLEL, False),
-    (("feed_forward", "w3"), "mlp.up_proj.weight", "feed_forward.w3.weight", COLUMN_PARALLEL, False),
-    (("feed_forward", "w2"), "mlp.down_proj.weight", "feed_forward.w2.weight", ROW_PARALLEL, False),
-    (("attention_norm", "scale"), "input_layernorm.weight", "attention_norm.weight", None, False),
-    (("ffn_norm", "scale"), "post_attention_layernorm.weight", "ffn_norm.weight", None, False),
+  # our path under "layers",       HF suffix,                        Meta suffix,           shard axis,  rope
+  (("attention", "wq"), "self_attn.q_proj.weight", "attention.wq.weight", COLUMN_PARALLEL, True),
+  (("attention", "wk"), "self_attn.k_proj.weight", "attention.wk.weight", COLUMN_PARALLEL, True),
+  (("attention", "wv"), "self_attn.v_proj.weight", "attention.wv.weight", COLUMN_PARALLEL, False),
+  (("attention", "wo"), "self_attn.o_proj.weight", "attention.wo.weight", ROW_PARALLEL, False),
+  (
+    ("feed_forward", "w1"),
+    "mlp.gate_proj.weight",
+    "feed_forward.w1.weight",
+    COLUMN_PARALLEL,
+    False,
+  ),
+  (("feed_forward", "w3"), "mlp.up_proj.weight", "feed_forward.w3.weight", COLUMN_PARALLEL, False),
+  (("feed_forward", "w2"), "mlp.down_proj.weight", "feed_forward.w2.weight", ROW_PARALLEL, False),
+  (("attention_norm", "scale"), "input_layernorm.weight", "attention_norm.weight", None, False),
+  (("ffn_norm", "scale"), "post_attention_layernorm.weight", "ffn_norm.weight", None, False),
 )
 
 
 def tensor_specs(cfg: ModelConfig) -> Iterator[TensorSpec]:
   """Every tensor of a checkpoint for `cfg`, in checkpoint order."""
-  yield TensorSpec(("embedding",), None, "model.embed_tokens.weight", "tok_embeddings.weight",
-                   COLUMN_PARALLEL)
+  yield TensorSpec(
+    ("embedding",), None, "model.embed_tokens.weight", "tok_embeddings.weight", COLUMN_PARALLEL
+  )
   for i in range(cfg.n_layers):
     for path, hf, meta, axis, rope in _LAYER_TENSORS:
-      yield TensorSpec(("layers",) + path, i, f"model.layers.{i}.{hf}", f"layers.{i}.{meta}", axis, rope)
+      yield TensorSpec(
+        ("layers",) + path, i, f"model.layers.{i}.{hf}", f"layers.{i}.{meta}", axis, rope
+      )
   yield TensorSpec(("final_norm", "scale"), None, "model.norm.weight", "norm.weight", None)
   if not cfg.tie_embeddings:
     yield TensorSpec(("output",), None, "lm_head.weight", "output.weight", COLUMN_PARALLEL)
@@ -62,15 +71,15 @@ def torch_shape(spec: TensorSpec, cfg: ModelConfig) -> Tuple[int, ...]:
   if spec.path[-1] == "scale":
     return (cfg.dim,)
   return {
-      "embedding": (cfg.vocab_size, cfg.dim),
-      "output": (cfg.vocab_size, cfg.dim),
-      "wq": (cfg.n_heads * cfg.head_dim, cfg.dim),
-      "wk": (cfg.n_kv_heads * cfg.head_dim, cfg.dim),
-      "wv": (cfg.n_kv_heads * cfg.head_dim, cfg.dim),
-      "wo": (cfg.dim, cfg.n_heads * cfg.head_dim),
-      "w1": (cfg.ffn_dim, cfg.dim),
-      "w3": (cfg.ffn_dim, cfg.dim),
-      "w2": (cfg.dim, cfg.ffn_dim),
+    "embedding": (cfg.vocab_size, cfg.dim),
+    "output": (cfg.vocab_size, cfg.dim),
+    "wq": (cfg.n_heads * cfg.head_dim, cfg.dim),
+    "wk": (cfg.n_kv_heads * cfg.head_dim, cfg.dim),
+    "wv": (cfg.n_kv_heads * cfg.head_dim, cfg.dim),
+    "wo": (cfg.dim, cfg.n_heads * cfg.head_dim),
+    "w1": (cfg.ffn_dim, cfg.dim),
+    "w3": (cfg.ffn_dim, cfg.dim),
+    "w2": (cfg.dim, cfg.ffn_dim),
   }[spec.path[-1]]
 
 
@@ -125,8 +134,9 @@ def assemble_params(cfg: ModelConfig, read: Callable[[TensorSpec], np.ndarray], 
     expected = torch_shape(spec, cfg)
     if w.shape != expected:
       raise ValueError(
-          f"Checkpoint tensor {spec.hf_name!r} has shape {tuple(w.shape)} but the config "
-          f"({cfg.name}) expects {expected}")
+        f"Checkpoint tensor {spec.hf_name!r} has shape {tuple(w.shape)} but the config "
+        f"({cfg.name}) expects {expected}"
+      )
     ours = from_torch(spec, w, cfg)
     node = params
     for key in spec.path[:-1]:

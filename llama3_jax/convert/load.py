@@ -13,8 +13,9 @@ from llama3_jax.convert.orbax_io import is_orbax_checkpoint, load_orbax
 _MAX_LISTED_FILES = 20
 
 
-def load_checkpoint(path: str, rope_scaling_factor: Optional[float] = None,
-                    **overrides) -> Tuple[ModelConfig, Dict]:
+def load_checkpoint(
+  path: str, rope_scaling_factor: Optional[float] = None, **overrides
+) -> Tuple[ModelConfig, Dict]:
   """(config, params) from a checkpoint directory, whichever of our three formats it is in.
 
   Overrides are ModelConfig fields (e.g. `dtype="float32"`); `rope_scaling_factor` applies only to
@@ -35,11 +36,14 @@ def load_checkpoint(path: str, rope_scaling_factor: Optional[float] = None,
     files = sorted(os.listdir(path))
     listed = files[:_MAX_LISTED_FILES] + (["..."] if len(files) > _MAX_LISTED_FILES else [])
     raise ValueError(
-        f"{path} is not a recognised checkpoint: found {listed or 'no files'}; expected "
-        "llama3_jax_config.json + params/ (ours), config.json + *.safetensors (Hugging Face) or "
-        "params.json + consolidated.NN.pth (Meta)")
+      f"{path} is not a recognised checkpoint: found {listed or 'no files'}; expected "
+      "llama3_jax_config.json + params/ (ours), config.json + *.safetensors (Hugging Face) or "
+      "params.json + consolidated.NN.pth (Meta)"
+    )
   if rope_scaling_factor is not None and load is not load_meta:
-    raise ValueError(f"rope_scaling_factor applies only to Meta checkpoints; {path} is a {kind} "
-                     "checkpoint, which records its RoPE scaling (override rope_scaling instead)")
+    raise ValueError(
+      f"rope_scaling_factor applies only to Meta checkpoints; {path} is a {kind} "
+      "checkpoint, which records its RoPE scaling (override rope_scaling instead)"
+    )
   logging.info("Reading %s as a %s checkpoint", path, kind)
   return load(path, **overrides)

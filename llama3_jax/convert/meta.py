@@ -16,16 +16,31 @@ import numpy as np
 from absl import logging
 
 from llama3_jax.config import PRESETS, ModelConfig, RopeScaling, meta_ffn_dim
-from llama3_jax.convert.layout import (COLUMN_PARALLEL, TensorSpec, assemble_params,
-                                       interleaved_to_half_split, torch_shape)
+from llama3_jax.convert.layout import (
+  COLUMN_PARALLEL,
+  TensorSpec,
+  assemble_params,
+  interleaved_to_half_split,
+  torch_shape,
+)
 
 PARAMS_FILE = "params.json"
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 # Meta's reference `apply_scaling` hard-codes this factor; params.json only says `use_scaled_rope`.
 META_DEFAULT_ROPE_FACTOR = 8.0
-_UNSUPPORTED_KEYS = ("quantization_args", "lora_args", "vision_chunk_size", "vision_max_num_chunks",
-                     "vision_num_cross_attention_layers", "vision_model")
-_TORCH_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+_UNSUPPORTED_KEYS = (
+  "quantization_args",
+  "lora_args",
+  "vision_chunk_size",
+  "vision_max_num_chunks",
+  "vision_num_cross_attention_layers",
+  "vision_model",
+)
+_TORCH_DTYPES = {
+  "torch.float32": "float32",
+  "torch.bfloat16": "bfloat16",
+  "torch.float16": "float16",
+}
 
 
 def _shard_files(path: str) -> List[str]:
@@ -36,26 +51,31 @@ def _shard_files(path: str) -> List[str]:
     if match:
       ranks[int(match.group(1))] = name
   if not ranks:
-    raise FileNotFoundError(f"No consolidated.NN.pth shard files in Meta checkpoint directory {path}")
+    raise FileNotFoundError(
+      f"No consolidated.NN.pth shard files in Meta checkpoint directory {path}"
+    )
   if sorted(ranks) != list(range(len(ranks))):
     raise ValueError(
-        f"Meta checkpoint {path} has shards {sorted(ranks.values())}; expected consolidated.00.pth to "
-        f"consolidated.{len(ranks) - 1:02d}.pth with no gaps")
+      f"Meta checkpoint {path} has shards {sorted(ranks.values())}; expected consolidated.00.pth to "
+      f"consolidated.{len(ranks) - 1:02d}.pth with no gaps"
+    )
   return [os.path.join(path, ranks[i]) for i in range(len(ranks))]
 
 
 def is_meta_checkpoint(path: str) -> bool:
   """True for a directory holding Meta's params.json or consolidated.NN.pth files."""
   return os.path.isdir(path) and any(
-      name == PARAMS_FILE or _SHARD_RE.fullmatch(name) for name in os.listdir(path))
+    name == PARAMS_FILE or _SHARD_RE.fullmatch(name) for name in os.listdir(path)
+  )
 
 
 def _preset_shape(cfg: ModelConfig) -> Tuple:
   return (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.ffn_dim)
 
 
-def config_from_meta(params_json: Dict, rope_scaling_factor: Optional[float] = None,
-                     **overrides) -> ModelConfig:
+def config_from_meta(
+  params_json: Dict, rope_scaling_factor: Optional[float] = None, **overrides
+) -> ModelConfig:
   """ModelConfig from a Meta params.json dict.
 
   params.json does not record the RoPE scaling factor, so with `use_scaled_rope` it comes from
@@ -65,18 +85,25 @@ def config_from_meta(params_json: Dict, rope_scaling_factor: Optional[float] = N
   """
   unsupported = sorted(k for k in _UNSUPPORTED_KEYS if k in params_json)
   if unsupported:
-    raise ValueError(f"params.json has {unsupported}: quantized, LoRA and vision checkpoints are not "
-                     "supported; expected a dense text model")
+    raise ValueError(
+      f"params.json has {unsupported}: quantized, LoRA and vision checkpoints are not "
+      "supported; expected a dense text model"
+    )
   missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size") if k not in params_json]
   if missing:
     raise ValueError(f"params.json is missing {missing}")
   dim, n_heads = params_json["dim"], params_json["n_heads"]
   n_kv_heads = params_json.get("n_kv_heads") or n_heads
-  ffn_dim = meta_ffn_dim(dim, params_json.get("ffn_dim_multiplier"), params_json.get("multiple_of", 256))
+  ffn_dim = meta_ffn_dim(
+    dim, params_json.get("ffn_dim_multiplier"), params_json.get("multiple_of", 256)
+  )
   scaled = bool(params_json.get("use_scaled_rope", False))
   shape = (dim, params_json["n_layers"], n_heads, n_kv_heads, params_json["vocab_size"], ffn_dim)
-  matches = [p for p in PRESETS.values()
-             if _preset_shape(p) == shape and (p.rope_scaling is not None) == scaled]
+  matches = [
+    p
+    for p in PRESETS.values()
+    if _preset_shape(p) == shape and (p.rope_scaling is not None) == scaled
+  ]
 
   scaling = None
   if scaled:
@@ -88,22 +115,33 @@ def config_from_meta(params_json: Dict, rope_scaling_factor: Optional[float] = N
       why = f"from preset(s) {[p.name for p in matches]} of the same shape"
     else:
       factor = META_DEFAULT_ROPE_FACTOR
-      why = (f"Meta's reference default; presets of this shape disagree ({preset_factors})"
-             if matches else "Meta's reference default; no preset has this shape")
+      why = (
+        f"Meta's reference default; presets of this shape disagree ({preset_factors})"
+        if matches
+        else "Meta's reference default; no preset has this shape"
+      )
     logging.info("Meta checkpoint uses scaled RoPE: factor %s (%s)", factor, why)
     scaling = RopeScaling(factor=factor)
   elif rope_scaling_factor is not None:
-    raise ValueError(f"rope_scaling_factor={rope_scaling_factor} was given but params.json has no "
-                     "use_scaled_rope; pass rope_scaling=RopeScaling(...) to force scaling")
+    raise ValueError(
+      f"rope_scaling_factor={rope_scaling_factor} was given but params.json has no "
+      "use_scaled_rope; pass rope_scaling=RopeScaling(...) to force scaling"
+    )
 
   fields = dict(
-      name=matches[0].name if len(matches) == 1 else "meta-llama",
-      vocab_size=params_json["vocab_size"], dim=dim, n_layers=params_json["n_layers"],
-      n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
-      norm_eps=float(params_json.get("norm_eps", 1e-5)),
-      rope_theta=float(params_json.get("rope_theta", 500_000.0)), rope_scaling=scaling,
-      tie_embeddings=bool(matches) and all(p.tie_embeddings for p in matches),
-      max_seq_len=max(p.max_seq_len for p in matches) if matches else (131_072 if scaled else 8192))
+    name=matches[0].name if len(matches) == 1 else "meta-llama",
+    vocab_size=params_json["vocab_size"],
+    dim=dim,
+    n_layers=params_json["n_layers"],
+    n_heads=n_heads,
+    n_kv_heads=n_kv_heads,
+    ffn_dim=ffn_dim,
+    norm_eps=float(params_json.get("norm_eps", 1e-5)),
+    rope_theta=float(params_json.get("rope_theta", 500_000.0)),
+    rope_scaling=scaling,
+    tie_embeddings=bool(matches) and all(p.tie_embeddings for p in matches),
+    max_seq_len=max(p.max_seq_len for p in matches) if matches else (131_072 if scaled else 8192),
+  )
   fields.update(overrides)
   return ModelConfig(**fields)
 
@@ -111,6 +149,7 @@ def config_from_meta(params_json: Dict, rope_scaling_factor: Optional[float] = N
 def _to_numpy(tensor) -> np.ndarray:
   """A CPU torch tensor as numpy without copying; bfloat16 bits reinterpreted, not rounded."""
   import torch
+
   if tensor.dtype == torch.bfloat16:
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return tensor.numpy()
@@ -123,19 +162,25 @@ class _Shards:
     try:
       import torch
     except ImportError as e:
-      raise ImportError("Reading Meta .pth checkpoints needs torch: pip install 'llama3_jax[torch]'") from e
+      raise ImportError(
+        "Reading Meta .pth checkpoints needs torch: pip install 'llama3_jax[torch]'"
+      ) from e
     self.files = _shard_files(path)
     self.state_dicts = []
     for file in self.files:
       try:
         self.state_dicts.append(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
       except pickle.UnpicklingError as e:
-        raise ValueError(f"Refusing to load {file}: it pickles objects other than tensors, which "
-                         "could run arbitrary code (read with weights_only=True)") from e
+        raise ValueError(
+          f"Refusing to load {file}: it pickles objects other than tensors, which "
+          "could run arbitrary code (read with weights_only=True)"
+        ) from e
       except RuntimeError as e:
         raise ValueError(f"Could not read {file} as a torch zip checkpoint: {e}") from e
       if not isinstance(self.state_dicts[-1], dict):
-        raise ValueError(f"{file} holds a {type(self.state_dicts[-1]).__name__}, expected a state dict")
+        raise ValueError(
+          f"{file} holds a {type(self.state_dicts[-1]).__name__}, expected a state dict"
+        )
 
   def __contains__(self, name: str) -> bool:
     return name in self.state_dicts[0]
@@ -144,7 +189,9 @@ class _Shards:
     """The full tensor `name`: shards concatenated along `shard_axis`, or shard 0 if replicated."""
     for file, state_dict in zip(self.files, self.state_dicts):
       if name not in state_dict:
-        raise ValueError(f"Meta checkpoint shard {file} has no tensor {name!r} needed by the config")
+        raise ValueError(
+          f"Meta checkpoint shard {file} has no tensor {name!r} needed by the config"
+        )
       _torch_dtype_name(state_dict[name], name)
     if shard_axis is None or len(self.state_dicts) == 1:
       return _to_numpy(self.state_dicts[0][name])
@@ -154,8 +201,10 @@ class _Shards:
 def _torch_dtype_name(tensor, tensor_name: str) -> str:
   name = _TORCH_DTYPES.get(str(tensor.dtype))
   if name is None:
-    raise ValueError(f"Meta checkpoint tensor {tensor_name!r} is {tensor.dtype}; expected one of "
-                     f"{sorted(_TORCH_DTYPES)} (quantized checkpoints are not supported)")
+    raise ValueError(
+      f"Meta checkpoint tensor {tensor_name!r} is {tensor.dtype}; expected one of "
+      f"{sorted(_TORCH_DTYPES)} (quantized checkpoints are not supported)"
+    )
   return name
 
 
@@ -171,13 +220,16 @@ def _embeddings_tied(shards: _Shards, cfg: ModelConfig) -> bool:
   uint = f"u{embedding.dtype.itemsize}"
   if output.shape == embedding.shape and np.array_equal(embedding.view(uint), output.view(uint)):
     return True
-  logging.warning("Meta checkpoint output.weight differs from tok_embeddings.weight although the "
-                  "matching preset ties them: keeping a separate output head")
+  logging.warning(
+    "Meta checkpoint output.weight differs from tok_embeddings.weight although the "
+    "matching preset ties them: keeping a separate output head"
+  )
   return False
 
 
-def load_meta(path: str, rope_scaling_factor: Optional[float] = None,
-              **overrides) -> Tuple[ModelConfig, Dict]:
+def load_meta(
+  path: str, rope_scaling_factor: Optional[float] = None, **overrides
+) -> Tuple[ModelConfig, Dict]:
   """(config, params) from a Meta consolidated checkpoint directory, converted tensor by tensor.
 
   `param_dtype` defaults to the checkpoint's dtype; other overrides are ModelConfig fields.
@@ -189,9 +241,13 @@ def load_meta(path: str, rope_scaling_factor: Optional[float] = None,
     params_json = json.load(f)
   shards = _Shards(path)
   if "tok_embeddings.weight" not in shards:
-    raise ValueError(f"Meta checkpoint shard {shards.files[0]} has no tensor 'tok_embeddings.weight'")
-  overrides.setdefault("param_dtype", _torch_dtype_name(shards.state_dicts[0]["tok_embeddings.weight"],
-                                                         "tok_embeddings.weight"))
+    raise ValueError(
+      f"Meta checkpoint shard {shards.files[0]} has no tensor 'tok_embeddings.weight'"
+    )
+  overrides.setdefault(
+    "param_dtype",
+    _torch_dtype_name(shards.state_dicts[0]["tok_embeddings.weight"], "tok_embeddings.weight"),
+  )
   cfg = config_from_meta(params_json, rope_scaling_factor, **overrides)
   if "tie_embeddings" not in overrides:
     cfg = cfg.replace(tie_embeddings=_embeddings_tied(shards, cfg))
@@ -201,13 +257,19 @@ def load_meta(path: str, rope_scaling_factor: Optional[float] = None,
     expected = torch_shape(spec, cfg)
     if w.shape != expected:
       raise ValueError(
-          f"Meta tensor {spec.meta_name!r} assembled from {len(shards.files)} shard(s) has shape "
-          f"{w.shape} but the config ({cfg.name}) expects {expected}")
+        f"Meta tensor {spec.meta_name!r} assembled from {len(shards.files)} shard(s) has shape "
+        f"{w.shape} but the config ({cfg.name}) expects {expected}"
+      )
     if spec.rope:
       w = interleaved_to_half_split(w, cfg.n_heads if spec.path[-1] == "wq" else cfg.n_kv_heads)
     return w
 
   params = assemble_params(cfg, read, jnp.dtype(cfg.param_dtype))
-  logging.info("Loaded Meta checkpoint %s (%d shard(s)) as %s, params %s", path, len(shards.files),
-               cfg.name, cfg.param_dtype)
+  logging.info(
+    "Loaded Meta checkpoint %s (%d shard(s)) as %s, params %s",
+    path,
+    len(shards.files),
+    cfg.name,
+    cfg.param_dtype,
+  )
   return cfg, params

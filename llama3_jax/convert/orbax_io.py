@@ -26,14 +26,17 @@ PARAMS_DIR = "params"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
-          and os.path.isdir(os.path.join(path, PARAMS_DIR)))
+  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
+    os.path.join(path, PARAMS_DIR)
+  )
 
 
 def _shapes_by_name(tree) -> Dict[str, Tuple[int, ...]]:
   """'layers/attention/wq' -> shape, for every leaf of a params-like tree."""
-  return {"/".join(str(getattr(k, "key", k)) for k in key_path): tuple(leaf.shape)
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in key_path): tuple(leaf.shape)
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _check_shapes(cfg: ModelConfig, tree, what: str) -> None:
@@ -42,12 +45,16 @@ def _check_shapes(cfg: ModelConfig, tree, what: str) -> None:
   found = _shapes_by_name(tree)
   missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
   if missing or extra:
-    raise ValueError(f"{what} does not match the config ({cfg.name}): missing tensors {missing}, "
-                     f"unexpected tensors {extra}")
+    raise ValueError(
+      f"{what} does not match the config ({cfg.name}): missing tensors {missing}, "
+      f"unexpected tensors {extra}"
+    )
   for name, shape in expected.items():
     if found[name] != shape:
-      raise ValueError(f"{what}: tensor {name!r} has shape {found[name]} but the config "
-                       f"({cfg.name}) expects {shape}")
+      raise ValueError(
+        f"{what}: tensor {name!r} has shape {found[name]} but the config "
+        f"({cfg.name}) expects {shape}"
+      )
 
 
 def save_orbax(path: str, cfg: ModelConfig, params: Dict, overwrite: bool = False) -> None:
@@ -59,19 +66,25 @@ def save_orbax(path: str, cfg: ModelConfig, params: Dict, overwrite: bool = Fals
   non-empty directory is never replaced.
   """
   if jax.process_count() > 1:
-    raise ValueError("save_orbax writes from a single process (its temporary directory is local); "
-                     f"this job has {jax.process_count()} processes")
+    raise ValueError(
+      "save_orbax writes from a single process (its temporary directory is local); "
+      f"this job has {jax.process_count()} processes"
+    )
   path = os.path.abspath(path)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     if not is_orbax_checkpoint(path):
-      raise FileExistsError(f"{path} exists and is not a llama3_jax checkpoint; refusing to replace it")
+      raise FileExistsError(
+        f"{path} exists and is not a llama3_jax checkpoint; refusing to replace it"
+      )
     if not overwrite:
       raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to replace it")
   _check_shapes(cfg, params, "Params to save")
   dtypes = {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)}
   if len(dtypes) == 1 and cfg.param_dtype not in dtypes:
     (dtype,) = dtypes
-    logging.info("Recording param_dtype=%s (the params' dtype) instead of %s", dtype, cfg.param_dtype)
+    logging.info(
+      "Recording param_dtype=%s (the params' dtype) instead of %s", dtype, cfg.param_dtype
+    )
     cfg = cfg.replace(param_dtype=dtype)
 
   parent, base = os.path.split(path)
@@ -117,7 +130,11 @@ def load_orbax(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
     stored = checkpointer.metadata(params_dir).item_metadata.tree
     _check_shapes(cfg, stored, f"Checkpoint {path}")
     dtype = jnp.dtype(cfg.param_dtype)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored)
-    params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored
+    )
+    params = checkpointer.restore(
+      params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
   logging.info("Loaded %s checkpoint %s, params %s", cfg.name, path, cfg.param_dtype)
   return cfg, params

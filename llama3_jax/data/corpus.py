@@ -13,7 +13,9 @@ from llama3_jax.data.sources import MalformedCounter, TextFiles
 
 EMBEDDED_NAME = "embedded:stdlib"
 # Third-party packages differ between installations; test suites hold odd encodings and generated data.
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+EXCLUDED_DIRS = frozenset(
+  {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
 
 
 def stdlib_files(root: Optional[str] = None) -> list[str]:
@@ -35,7 +37,12 @@ def stdlib_files(root: Optional[str] = None) -> list[str]:
 
 
 def embedded_corpus(
-    root: Optional[str] = None, *, skip_malformed: bool = True, counter: Optional[MalformedCounter] = None
+  root: Optional[str] = None,
+  *,
+  skip_malformed: bool = True,
+  counter: Optional[MalformedCounter] = None,
 ) -> TextFiles:
   """The default documents: one per standard-library source file, in sorted order."""
-  return TextFiles(stdlib_files(root), name=EMBEDDED_NAME, skip_malformed=skip_malformed, counter=counter)
+  return TextFiles(
+    stdlib_files(root), name=EMBEDDED_NAME, skip_malformed=skip_malformed, counter=counter
+  )

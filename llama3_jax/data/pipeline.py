@@ -40,12 +40,18 @@ class MixIterDataset(grain.IterDataset):
   """
 
   def __init__(
-      self, parents: Sequence[grain.IterDataset], weights: Sequence[float], *, names: Sequence[str],
-      epoch_sizes: Sequence[int]):
+    self,
+    parents: Sequence[grain.IterDataset],
+    weights: Sequence[float],
+    *,
+    names: Sequence[str],
+    epoch_sizes: Sequence[int],
+  ):
     if not len(parents) == len(weights) == len(names) == len(epoch_sizes) > 0:
       raise ValueError(
-          f"MixIterDataset needs as many weights ({len(weights)}), names ({len(names)}) and epoch sizes "
-          f"({len(epoch_sizes)}) as parents ({len(parents)}), at least one")
+        f"MixIterDataset needs as many weights ({len(weights)}), names ({len(names)}) and epoch sizes "
+        f"({len(epoch_sizes)}) as parents ({len(parents)}), at least one"
+      )
     super().__init__(list(parents))
     self._weights = [float(w) for w in weights]
     self._names = list(names)
@@ -53,7 +59,8 @@ class MixIterDataset(grain.IterDataset):
 
   def __iter__(self) -> "MixDatasetIterator":
     return MixDatasetIterator(
-        [p.__iter__() for p in self.parents], self._weights, self._names, self._epoch_sizes)
+      [p.__iter__() for p in self.parents], self._weights, self._names, self._epoch_sizes
+    )
 
   def __str__(self) -> str:
     return f"MixIterDataset(weights={self._weights})"
@@ -64,8 +71,12 @@ class MixDatasetIterator(grain.DatasetIterator):
   "malformed_run": [malformed documents in a row per parent]}."""
 
   def __init__(
-      self, parents: Sequence[grain.DatasetIterator], weights: Sequence[float], names: Sequence[str],
-      epoch_sizes: Sequence[int]):
+    self,
+    parents: Sequence[grain.DatasetIterator],
+    weights: Sequence[float],
+    names: Sequence[str],
+    epoch_sizes: Sequence[int],
+  ):
     super().__init__(list(parents))
     self._weights = weights
     self._names = names
@@ -92,21 +103,23 @@ class MixDatasetIterator(grain.DatasetIterator):
       self._malformed_run[i] += 1
       if self._malformed_run[i] >= 2 * self._epoch_sizes[i]:
         raise ValueError(
-            f"Every document of source {self._names[i]!r} is malformed ({self._malformed_run[i]} in a row); "
-            "check the DataSource kind and field")
+          f"Every document of source {self._names[i]!r} is malformed ({self._malformed_run[i]} in a row); "
+          "check the DataSource kind and field"
+        )
 
   def get_state(self) -> dict[str, Any]:
     return {
-        "parents": [p.get_state() for p in self._parents],
-        "tokens": list(self._tokens),
-        "exhausted": list(self._exhausted),
-        "malformed_run": list(self._malformed_run),
+      "parents": [p.get_state() for p in self._parents],
+      "tokens": list(self._tokens),
+      "exhausted": list(self._exhausted),
+      "malformed_run": list(self._malformed_run),
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
     if len(state["parents"]) != len(self._parents):
       raise ValueError(
-          f"Mixture state has {len(state['parents'])} sources, the pipeline {len(self._parents)}")
+        f"Mixture state has {len(state['parents'])} sources, the pipeline {len(self._parents)}"
+      )
     for parent, parent_state in zip(self._parents, state["parents"]):
       parent.set_state(parent_state)
     self._tokens = [int(t) for t in state["tokens"]]
@@ -131,8 +144,14 @@ def _tokenize(source: DocumentSource, tokenizer: Any, index: int) -> np.ndarray:
 
 
 def _documents(
-    source: DocumentSource, source_index: int, data_cfg: DataConfig, tokenizer: Any, split: str,
-    process_index: int, process_count: int) -> tuple[grain.IterDataset, int]:
+  source: DocumentSource,
+  source_index: int,
+  data_cfg: DataConfig,
+  tokenizer: Any,
+  split: str,
+  process_index: int,
+  process_count: int,
+) -> tuple[grain.IterDataset, int]:
   """One source's token arrays for this split and process, and their number per epoch."""
   held_out = held_out_mask(len(source), data_cfg.held_out_fraction)
   indices = np.flatnonzero(held_out if split == "eval" else ~held_out)[process_index::process_count]
@@ -140,20 +159,28 @@ def _documents(
   if split == "train":
     if not len(indices):
       raise ValueError(
-          f"Source {source.name!r} has no training documents for process {process_index} of "
-          f"{process_count} ({len(source)} documents, held_out_fraction={data_cfg.held_out_fraction})")
+        f"Source {source.name!r} has no training documents for process {process_index} of "
+        f"{process_count} ({len(source)} documents, held_out_fraction={data_cfg.held_out_fraction})"
+      )
     if data_cfg.shuffle:
       ds = ds.shuffle(seed=_seed(data_cfg.seed, 0, source_index))
     ds = ds.repeat(data_cfg.num_epochs)
   ds = ds.map(functools.partial(_tokenize, source, tokenizer))
   read_options = grain.ReadOptions(
-      num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size)
+    num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size
+  )
   return ds.to_iter_dataset(read_options), len(indices)
 
 
 def make_pipeline(
-    data_cfg: DataConfig, tokenizer: Any, *, split: str = "train", process_index: int = 0,
-    process_count: int = 1, counter: Optional[MalformedCounter] = None) -> grain.DatasetIterator:
+  data_cfg: DataConfig,
+  tokenizer: Any,
+  *,
+  split: str = "train",
+  process_index: int = 0,
+  process_count: int = 1,
+  counter: Optional[MalformedCounter] = None,
+) -> grain.DatasetIterator:
   """This process's batches: dicts of int32 [global_batch_size // process_count, seq_len + 1] arrays.
 
   Keys `tokens`, `segment_ids` (1, 2, ... per document in a row, 0 = padding) and `positions`
@@ -166,11 +193,14 @@ def make_pipeline(
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"Need 0 <= process_index < process_count, got {process_index} and {process_count}")
+    raise ValueError(
+      f"Need 0 <= process_index < process_count, got {process_index} and {process_count}"
+    )
   if data_cfg.global_batch_size % process_count:
     raise ValueError(
-        f"DataConfig.global_batch_size={data_cfg.global_batch_size} is not divisible by "
-        f"process_count={process_count}")
+      f"DataConfig.global_batch_size={data_cfg.global_batch_size} is not divisible by "
+      f"process_count={process_count}"
+    )
   if split == "eval" and not data_cfg.held_out_fraction:
     raise ValueError("The eval split needs DataConfig.held_out_fraction > 0")
   counter = MalformedCounter() if counter is None else counter
@@ -181,20 +211,32 @@ def make_pipeline(
   else:
     sources, weights = [embedded_corpus(**kwargs)], [1.0]
   names = [s.name for s in sources]
-  streams, sizes = zip(*(
+  streams, sizes = zip(
+    *(
       _documents(s, i, data_cfg, tokenizer, split, process_index, process_count)
-      for i, s in enumerate(sources)))
+      for i, s in enumerate(sources)
+    )
+  )
   if not sum(sizes):
     raise ValueError(
-        f"No {split} documents for process {process_index} of {process_count} "
-        f"(held_out_fraction={data_cfg.held_out_fraction}, sources {names})")
+      f"No {split} documents for process {process_index} of {process_count} "
+      f"(held_out_fraction={data_cfg.held_out_fraction}, sources {names})"
+    )
   logging.info(
-      "Data %s split, process %d of %d: %s documents per epoch from %s.", split, process_index,
-      process_count, list(sizes), names)
-  rows = PackIterDataset(MixIterDataset(streams, weights, names=names, epoch_sizes=sizes), data_cfg.row_len)
+    "Data %s split, process %d of %d: %s documents per epoch from %s.",
+    split,
+    process_index,
+    process_count,
+    list(sizes),
+    names,
+  )
+  rows = PackIterDataset(
+    MixIterDataset(streams, weights, names=names, epoch_sizes=sizes), data_cfg.row_len
+  )
   if split == "train" and data_cfg.shuffle and data_cfg.row_shuffle_window > 1:
     rows = grain.experimental.WindowShuffleIterDataset(
-        rows, window_size=data_cfg.row_shuffle_window, seed=_seed(data_cfg.seed, 1))
+      rows, window_size=data_cfg.row_shuffle_window, seed=_seed(data_cfg.seed, 1)
+    )
   batch_size = data_cfg.global_batch_size // process_count
   pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
   return iter(rows.batch(batch_size, batch_fn=pad_batch))

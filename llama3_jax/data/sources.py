@@ -52,7 +52,9 @@ class MalformedCounter:
 
 def expand_pattern(pattern: str) -> list[str]:
   """Sorted files matching a glob pattern (`**` recurses); FileNotFoundError when none match."""
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  paths = sorted(
+    p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+  )
   if not paths:
     raise FileNotFoundError(f"No files match DataSource.path_pattern {pattern!r}")
   return paths
@@ -61,7 +63,9 @@ def expand_pattern(pattern: str) -> list[str]:
 class DocumentSource(Sequence):
   """Base of the sources: `len` documents, `source[i]` is text or None (malformed, skipped)."""
 
-  def __init__(self, name: str, *, skip_malformed: bool = True, counter: Optional[MalformedCounter] = None):
+  def __init__(
+    self, name: str, *, skip_malformed: bool = True, counter: Optional[MalformedCounter] = None
+  ):
     self.name = name
     self.skip_malformed = skip_malformed
     self.counter = MalformedCounter() if counter is None else counter
@@ -72,7 +76,9 @@ class DocumentSource(Sequence):
       raise ValueError(f"{where}: {reason} (set DataConfig.skip_malformed=True to skip such rows)")
     total = self.counter.add(self.name)
     if total <= LOG_FIRST or total % LOG_EVERY == 0:
-      logging.warning("Skipping malformed document %s: %s (%d skipped so far).", where, reason, total)
+      logging.warning(
+        "Skipping malformed document %s: %s (%d skipped so far).", where, reason, total
+      )
     return None
 
   def _text(self, data: bytes, where: str, field: str) -> Optional[str]:
@@ -99,7 +105,9 @@ class DocumentSource(Sequence):
     """(file number, row within that file) of a global row `index`, given cumulative row counts."""
     index = int(index)
     if not 0 <= index < len(self):
-      raise IndexError(f"Document index {index} out of range for {len(self)} documents of {self.name!r}")
+      raise IndexError(
+        f"Document index {index} out of range for {len(self)} documents of {self.name!r}"
+      )
     file_number = int(np.searchsorted(ends, index, side="right"))
     return file_number, index - (int(ends[file_number - 1]) if file_number else 0)
 
@@ -190,7 +198,7 @@ class ArrayRecords(DocumentSource):
 
 
 def open_source(
-    source: DataSource, *, skip_malformed: bool = True, counter: Optional[MalformedCounter] = None
+  source: DataSource, *, skip_malformed: bool = True, counter: Optional[MalformedCounter] = None
 ) -> DocumentSource:
   """The documents of a `DataSource`, named by its path pattern."""
   paths = expand_pattern(source.path_pattern)

@@ -25,8 +25,9 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
       raise ValueError(
-          f"Prompt {row} has token ids {sorted(set(bad.tolist()))[:10]} outside the vocabulary "
-          f"[0, {vocab_size})")
+        f"Prompt {row} has token ids {sorted(set(bad.tolist()))[:10]} outside the vocabulary "
+        f"[0, {vocab_size})"
+      )
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -34,7 +35,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarr
   lengths = np.array([len(p) for p in prompts], np.int32)
   tokens = np.zeros((len(prompts), length), np.int32)
   for row, prompt in enumerate(prompts):
-    tokens[row, :len(prompt)] = prompt
+    tokens[row, : len(prompt)] = prompt
   return tokens, lengths
 
 
@@ -48,21 +49,35 @@ def prefill(cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache
   batch, length = tokens_BP.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)
-  return Transformer(cfg).apply({"params": params}, tokens_BP, positions, segment_ids, cache=cache,
-                               logits_at=lengths_B - 1)
+  return Transformer(cfg).apply(
+    {"params": params}, tokens_BP, positions, segment_ids, cache=cache, logits_at=lengths_B - 1
+  )
 
 
 def decode_step(cfg: ModelConfig, params: Dict, token_B, position_B, cache: KVCache):
   """One token per row at its own position: (logits [B, V], cache)."""
   logits_B1V, cache = Transformer(cfg).apply(
-      {"params": params}, token_B[:, None], position_B[:, None], jnp.ones_like(token_B)[:, None],
-      cache=cache)
+    {"params": params},
+    token_B[:, None],
+    position_B[:, None],
+    jnp.ones_like(token_B)[:, None],
+    cache=cache,
+  )
   return logits_B1V[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids"))
-def generate_tokens(params, tokens_BP, lengths_B, rng, *, cfg: ModelConfig, max_new_tokens: int,
-                    sampling: SamplingConfig, stop_ids: Tuple[int, ...]):
+def generate_tokens(
+  params,
+  tokens_BP,
+  lengths_B,
+  rng,
+  *,
+  cfg: ModelConfig,
+  max_new_tokens: int,
+  sampling: SamplingConfig,
+  stop_ids: Tuple[int, ...],
+):
   """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED."""
   batch, length = tokens_BP.shape
   cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1)
@@ -88,26 +103,46 @@ def generate_tokens(params, tokens_BP, lengths_B, rng, *, cfg: ModelConfig, max_
   return jax.lax.while_loop(keep_going, next_token, state)[3]
 
 
-def generate(cfg: ModelConfig, params: Dict, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (),
-             rng: Optional[jax.Array] = None) -> List[List[int]]:
+def generate(
+  cfg: ModelConfig,
+  params: Dict,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  stop_ids: Sequence[int] = (),
+  rng: Optional[jax.Array] = None,
+) -> List[List[int]]:
   """New tokens for each prompt, up to `max_new_tokens`, ending before the first stop token."""
   check_prompts(prompts, cfg.vocab_size)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if sampling.top_k > cfg.vocab_size:
-    raise ValueError(f"SamplingConfig.top_k={sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})")
+    raise ValueError(
+      f"SamplingConfig.top_k={sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})"
+    )
   longest = max(len(p) for p in prompts)
   if longest + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
-        f"Longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-        f"model's max_seq_len {cfg.max_seq_len}")
+      f"Longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+      f"model's max_seq_len {cfg.max_seq_len}"
+    )
   tokens, lengths = pad_prompts(
-      prompts, padded_length(longest, limit=cfg.max_seq_len - max_new_tokens + 1))
+    prompts, padded_length(longest, limit=cfg.max_seq_len - max_new_tokens + 1)
+  )
   stops = sorted(set(int(i) for i in stop_ids))
-  out = np.asarray(generate_tokens(
-      params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0) if rng is None else rng,
-      cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=tuple(stops)))
+  out = np.asarray(
+    generate_tokens(
+      params,
+      jnp.asarray(tokens),
+      jnp.asarray(lengths),
+      jax.random.key(0) if rng is None else rng,
+      cfg=cfg,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+      stop_ids=tuple(stops),
+    )
+  )
   results = []
   for row in out:
     kept = []

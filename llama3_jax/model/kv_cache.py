@@ -29,11 +29,12 @@ class KVCache:
   def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
     shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
     return cls(
-        k=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
-        v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
-        positions=jnp.zeros((batch, slots), jnp.int32),
-        segment_ids=jnp.zeros((batch, slots), jnp.int32),
-        index=jnp.zeros((), jnp.int32))
+      k=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+      v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+      positions=jnp.zeros((batch, slots), jnp.int32),
+      segment_ids=jnp.zeros((batch, slots), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+    )
 
   @property
   def slots(self) -> int:

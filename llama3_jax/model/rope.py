@@ -27,8 +27,10 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScali
   high_freq_wavelen = scaling.original_context / scaling.high_freq_factor
   wavelen = np.float32(2 * math.pi) / inv_freq
   scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(scaling.factor), inv_freq)
-  smooth = ((scaling.original_context / wavelen - scaling.low_freq_factor)
-            / (scaling.high_freq_factor - scaling.low_freq_factor)).astype(np.float32)
+  smooth = (
+    (scaling.original_context / wavelen - scaling.low_freq_factor)
+    / (scaling.high_freq_factor - scaling.low_freq_factor)
+  ).astype(np.float32)
   smoothed = (1 - smooth) * scaled / np.float32(scaling.factor) + smooth * scaled
   is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
   return np.where(is_medium, smoothed, scaled).astype(np.float32)

@@ -12,9 +12,9 @@ from llama3_jax.model.kv_cache import KVCache
 from llama3_jax.model.layers import FeedForward, RMSNorm, declare
 
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ACT_BTD = ("batch", "length", "act_embed")
 
@@ -29,10 +29,17 @@ class DecoderLayer(nn.Module):
     """carry = (x [B, T, D], whole-model cache (k, v) or None); the cache is updated in place."""
     x_BTD, cache_kv = carry
     attn_out, cache_kv = Attention(self.cfg, name="attention")(
-        RMSNorm(self.cfg, name="attention_norm")(x_BTD), positions_BT, mask_BTS, cache_kv, layer_index,
-        cache_index)
+      RMSNorm(self.cfg, name="attention_norm")(x_BTD),
+      positions_BT,
+      mask_BTS,
+      cache_kv,
+      layer_index,
+      cache_index,
+    )
     x_BTD = nn.with_logical_constraint(x_BTD + attn_out, ACT_BTD)
-    x_BTD = x_BTD + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x_BTD))
+    x_BTD = x_BTD + FeedForward(self.cfg, name="feed_forward")(
+      RMSNorm(self.cfg, name="ffn_norm")(x_BTD)
+    )
     return (nn.with_logical_constraint(x_BTD, ACT_BTD), cache_kv), None
 
 
@@ -41,12 +48,12 @@ def _scanned_layers(cfg: ModelConfig):
   if cfg.remat_policy != "none":
     layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
   return nn.scan(
-      layer,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-      length=cfg.n_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
+    layer,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+    length=cfg.n_layers,
+    metadata_params={nn.PARTITION_NAME: "layers"},
   )(cfg, name="layers")
 
 
@@ -63,15 +70,18 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None,
-               logits_at=None):
+  def __call__(
+    self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None, logits_at=None
+  ):
     cfg = self.cfg
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     batch, length = tokens.shape
     for name, value in (("positions", positions), ("segment_ids", segment_ids)):
       if value is not None and value.shape != tokens.shape:
-        raise ValueError(f"{name} has shape {value.shape}; expected the tokens' shape {tokens.shape}")
+        raise ValueError(
+          f"{name} has shape {value.shape}; expected the tokens' shape {tokens.shape}"
+        )
     if cache is not None and length > cache.slots:
       raise ValueError(f"{length} tokens do not fit a KV cache of {cache.slots} slots")
     if positions is None:
@@ -86,25 +96,31 @@ class Transformer(nn.Module):
     else:
       cache_index = cache.index
       kv_positions = jax.lax.dynamic_update_slice_in_dim(
-          cache.positions, positions.astype(jnp.int32), cache_index, axis=1)
+        cache.positions, positions.astype(jnp.int32), cache_index, axis=1
+      )
       kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(
-          cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, axis=1)
+        cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, axis=1
+      )
       cache_kv = (cache.k, cache.v)
       mask_BTS = attention_mask(positions, segment_ids, kv_positions, kv_segment_ids)
 
     # Gather rows before casting: the whole table is cast only when it is also the output head.
-    embedding = declare(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, cast=False)
+    embedding = declare(
+      self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, cast=False
+    )
     x_BTD = jnp.take(embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
     x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
     (x_BTD, cache_kv), _ = _scanned_layers(cfg)(
-        (x_BTD, cache_kv), jnp.arange(cfg.n_layers), positions, mask_BTS, cache_index)
+      (x_BTD, cache_kv), jnp.arange(cfg.n_layers), positions, mask_BTS, cache_index
+    )
     if logits_at is not None:
       x_BTD = x_BTD[jnp.arange(batch), logits_at][:, None]
     x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
 
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding.astype(x_BTD.dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BTV = jnp.einsum(
+        "btd,vd->btv", x_BTD, embedding.astype(x_BTD.dtype), preferred_element_type=jnp.float32
+      )
     else:
       output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output, preferred_element_type=jnp.float32)
@@ -114,6 +130,11 @@ class Transformer(nn.Module):
 
     if cache is None:
       return logits_BTV
-    new_cache = KVCache(k=cache_kv[0], v=cache_kv[1], positions=kv_positions,
-                        segment_ids=kv_segment_ids, index=cache_index + length)
+    new_cache = KVCache(
+      k=cache_kv[0],
+      v=cache_kv[1],
+      positions=kv_positions,
+      segment_ids=kv_segment_ids,
+      index=cache_index + length,
+    )
     return logits_BTV, new_cache

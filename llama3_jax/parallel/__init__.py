@@ -2,5 +2,11 @@
 
 from llama3_jax.parallel.mesh import make_mesh
 from llama3_jax.parallel.rules import LOGICAL_AXIS_RULES, batch_degree, check_divisibility
-from llama3_jax.parallel.sharding import (batch_sharding, init_sharded_params, logical_shardings,
-                                          mesh_context, param_shardings, shard_params)
+from llama3_jax.parallel.sharding import (
+  batch_sharding,
+  init_sharded_params,
+  logical_shardings,
+  mesh_context,
+  param_shardings,
+  shard_params,
+)

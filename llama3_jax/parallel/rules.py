@@ -13,22 +13,22 @@ from llama3_jax.model import param_shapes
 # FSDP shards the parameters' `embed` axis; tensor parallelism shards heads, kv heads, the FFN
 # hidden axis and the vocabulary (Megatron style); the batch is split over data and fsdp.
 LOGICAL_AXIS_RULES: Tuple[Tuple[str, object], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_head_dim", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("layers", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_head_dim", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -42,7 +42,9 @@ def _mesh_axes(logical: str):
 def check_divisibility(cfg: ModelConfig, mesh: Mesh) -> None:
   """Raises ValueError naming the parameter, axis and degree when a sharded dimension does not divide."""
   boxed = param_shapes(cfg)
-  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  leaves = jax.tree_util.tree_leaves_with_path(
+    boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
   for path, leaf in leaves:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     for size, logical in zip(leaf.value.shape, leaf.names):
@@ -50,8 +52,9 @@ def check_divisibility(cfg: ModelConfig, mesh: Mesh) -> None:
       degree = math.prod(mesh.shape[a] for a in axes)
       if size % degree:
         raise ValueError(
-            f"Parameter {name}: its {logical!r} dimension of size {size} is not divisible by mesh "
-            f"axes {axes} of degree {degree} (model {cfg.name}, mesh {dict(mesh.shape)})")
+          f"Parameter {name}: its {logical!r} dimension of size {size} is not divisible by mesh "
+          f"axes {axes} of degree {degree} (model {cfg.name}, mesh {dict(mesh.shape)})"
+        )
 
 
 def batch_degree(mesh: Mesh) -> int:

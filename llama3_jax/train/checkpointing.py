@@ -8,7 +8,6 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -21,8 +20,9 @@ class RunCheckpointer:
       raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -51,7 +51,9 @@ class RunCheckpointer:
 
   def stored_config(self, step: int) -> Dict:
     """The run config saved with `step`, without reading any array."""
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+      "config"
+    ]
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -59,4 +61,3 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
-

@@ -5,7 +5,10 @@ from llama3_jax.config import ModelConfig
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in matmuls: projections, FFN and the output head (not the lookup)."""
-  attention = cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+  attention = (
+    cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    + cfg.n_heads * cfg.head_dim * cfg.dim
+  )
   return cfg.n_layers * (attention + 3 * cfg.dim * cfg.ffn_dim) + cfg.dim * cfg.vocab_size
 
 

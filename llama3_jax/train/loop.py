@@ -7,7 +7,6 @@ import time
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -32,16 +31,23 @@ class TimeBreakdown:
   checkpointing: float = 0.0
 
   def summary(self, total: float) -> str:
-    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in dataclasses.asdict(self).items())
+    parts = ", ".join(
+      f"{name} {seconds:.1f}s" for name, seconds in dataclasses.asdict(self).items()
+    )
     return f"{total:.1f}s total: {parts}; goodput {self.steps / max(total, 1e-9):.1%}"
 
 
 def check_resumable(stored: Dict, run: RunConfig) -> None:
   """Raises ValueError naming every model field where a checkpoint differs from this run."""
-  differing = {k: (v, run.model.to_dict().get(k)) for k, v in stored["model"].items()
-               if k != "name" and run.model.to_dict().get(k) != v}
+  differing = {
+    k: (v, run.model.to_dict().get(k))
+    for k, v in stored["model"].items()
+    if k != "name" and run.model.to_dict().get(k) != v
+  }
   if differing:
-    details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
+    details = "; ".join(
+      f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items())
+    )
     raise ValueError(f"Checkpoint does not match the model config: {details}")
 
 
@@ -68,40 +74,60 @@ def _format_eta(seconds: float) -> str:
 
 
 def _device_batch(batch, sharding):
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }
 
 
 class _Run:
   """One training run's pieces, built once; `loop` drives them."""
 
-  def __init__(self, run: RunConfig, tokenizer, init_params: Optional[Dict], metrics_file: Optional[str]):
+  def __init__(
+    self, run: RunConfig, tokenizer, init_params: Optional[Dict], metrics_file: Optional[str]
+  ):
     self.run, self.tokenizer, self.times = run, tokenizer, TimeBreakdown()
     cfg, train_cfg = run.model, run.train
     self.mesh = make_mesh(run.mesh)
     if run.data.global_batch_size % batch_degree(self.mesh):
-      raise ValueError(f"global_batch_size={run.data.global_batch_size} does not divide over the "
-                       f"{batch_degree(self.mesh)} data x fsdp shards of mesh {dict(self.mesh.shape)}")
+      raise ValueError(
+        f"global_batch_size={run.data.global_batch_size} does not divide over the "
+        f"{batch_degree(self.mesh)} data x fsdp shards of mesh {dict(self.mesh.shape)}"
+      )
     tx = make_optimizer(run.optimizer, train_cfg.steps)
     self.malformed = MalformedCounter()
-    self.data = make_pipeline(run.data, tokenizer, split="train", process_index=jax.process_index(),
-                              process_count=jax.process_count(), counter=self.malformed)
+    self.data = make_pipeline(
+      run.data,
+      tokenizer,
+      split="train",
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      counter=self.malformed,
+    )
     self.checkpointer = None
     if run.checkpoint.directory:
-      self.checkpointer = RunCheckpointer(run.checkpoint.directory, run.checkpoint.save_every,
-                                          run.checkpoint.keep, run.checkpoint.async_save)
+      self.checkpointer = RunCheckpointer(
+        run.checkpoint.directory,
+        run.checkpoint.save_every,
+        run.checkpoint.keep,
+        run.checkpoint.async_save,
+      )
     resume_step = self.checkpointer.latest_step() if self.checkpointer else None
     if resume_step is None:
-      self.state, shardings = create_train_state(cfg, tx, self.mesh, jax.random.key(run.data.seed),
-                                                 params=init_params)
+      self.state, shardings = create_train_state(
+        cfg, tx, self.mesh, jax.random.key(run.data.seed), params=init_params
+      )
     else:
       check_resumable(self.checkpointer.stored_config(resume_step), run)
       abstract = abstract_train_state(cfg, tx, self.mesh)
       self.state, _ = self.checkpointer.restore(resume_step, abstract, self.data)
       shardings = jax.tree.map(lambda x: x.sharding, abstract)
     self.data_sharding = batch_sharding(self.mesh)
-    self.step_fn = jax.jit(make_train_step(cfg, train_cfg, tx, learning_rate_schedule(run.optimizer, train_cfg.steps)),
-                           in_shardings=(shardings, self.data_sharding), out_shardings=(shardings, None),
-                           donate_argnums=0)
+    self.step_fn = jax.jit(
+      make_train_step(cfg, train_cfg, tx, learning_rate_schedule(run.optimizer, train_cfg.steps)),
+      in_shardings=(shardings, self.data_sharding),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
     self.eval_fn = jax.jit(lambda p, b: loss_sums_and_grads(p, b, cfg, train_cfg)[:2])
     self.tokens_per_step = run.data.global_batch_size * run.data.seq_len
     self.flops_per_step = train_flops_per_token(cfg, run.data.seq_len) * self.tokens_per_step
@@ -109,8 +135,13 @@ class _Run:
 
   def evaluate(self) -> float:
     """Mean loss per target over up to `eval_batches` held-out batches."""
-    eval_data = make_pipeline(self.run.data, self.tokenizer, split="eval",
-                              process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = make_pipeline(
+      self.run.data,
+      self.tokenizer,
+      split="eval",
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     ce_total, count_total = 0.0, 0
     for _, batch in zip(range(self.run.train.eval_batches), eval_data):
       ce_sum, count = self.eval_fn(self.state.params, _device_batch(batch, self.data_sharding))
@@ -120,7 +151,9 @@ class _Run:
   def loop(self, stop: _StopRequest, metrics_out) -> None:
     train_cfg, times = self.run.train, self.times
     step = first_step = int(self.state.step)
-    logging.info("Training from step %d to %d on mesh %s", step, train_cfg.steps, dict(self.mesh.shape))
+    logging.info(
+      "Training from step %d to %d on mesh %s", step, train_cfg.steps, dict(self.mesh.shape)
+    )
     window_start, window_steps = time.perf_counter(), 0
     while step < train_cfg.steps and not stop.requested:
       t = time.perf_counter()
@@ -139,21 +172,31 @@ class _Run:
         window_steps += 1
       if int(self.state.nonfinite_streak) >= train_cfg.max_nonfinite_steps:
         raise FloatingPointError(
-            f"{train_cfg.max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient "
-            f"(last loss {metrics['loss']}); stopping at step {step}")
+          f"{train_cfg.max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient "
+          f"(last loss {metrics['loss']}); stopping at step {step}"
+        )
       if metrics["skipped"]:
         logging.warning("Step %d: non-finite loss or gradient, update skipped", step + 1)
         continue
       step += 1
-      record = dict(step=step, loss=float(metrics["loss"]), lr=float(metrics["lr"]),
-                    grad_norm=float(metrics["grad_norm"]), tokens=int(metrics["tokens"]))
+      record = dict(
+        step=step,
+        loss=float(metrics["loss"]),
+        lr=float(metrics["lr"]),
+        grad_norm=float(metrics["grad_norm"]),
+        tokens=int(metrics["tokens"]),
+      )
       if window_steps:
         seconds_per_step = (time.perf_counter() - window_start) / window_steps
-        record.update(tokens_per_s=self.tokens_per_step / seconds_per_step,
-                      tflops_per_s=self.flops_per_step / seconds_per_step / 1e12,
-                      eta_s=seconds_per_step * (train_cfg.steps - step))
+        record.update(
+          tokens_per_s=self.tokens_per_step / seconds_per_step,
+          tflops_per_s=self.flops_per_step / seconds_per_step / 1e12,
+          eta_s=seconds_per_step * (train_cfg.steps - step),
+        )
         if train_cfg.peak_tflops_per_device:
-          record["mfu"] = record["tflops_per_s"] / (train_cfg.peak_tflops_per_device * jax.device_count())
+          record["mfu"] = record["tflops_per_s"] / (
+            train_cfg.peak_tflops_per_device * jax.device_count()
+          )
       if train_cfg.eval_every and step % train_cfg.eval_every == 0:
         t = time.perf_counter()
         record["eval_loss"] = self.evaluate()
@@ -165,16 +208,19 @@ class _Run:
         metrics_out.flush()
       if step % train_cfg.log_every == 0 or step == train_cfg.steps or "eval_loss" in record:
         _log_progress(record, train_cfg.steps)
-      if self.checkpointer and (self.checkpointer.should_save(step) or step == train_cfg.steps
-                                or stop.requested):
+      if self.checkpointer and (
+        self.checkpointer.should_save(step) or step == train_cfg.steps or stop.requested
+      ):
         t = time.perf_counter()
         self.checkpointer.save(step, self.state, self.data, self.run.to_dict())
         times.checkpointing += time.perf_counter() - t
 
 
 def _log_progress(record: Dict, total_steps: int) -> None:
-  line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-          f"grad {record['grad_norm']:.3f}")
+  line = (
+    f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+    f"grad {record['grad_norm']:.3f}"
+  )
   if "eval_loss" in record:
     line += f" | eval {record['eval_loss']:.4f}"
   if "tokens_per_s" in record:
@@ -185,8 +231,13 @@ def _log_progress(record: Dict, total_steps: int) -> None:
   logging.info("%s", line)
 
 
-def train(run: RunConfig, tokenizer, *, init_params: Optional[Dict] = None,
-          metrics_file: Optional[str] = None):
+def train(
+  run: RunConfig,
+  tokenizer,
+  *,
+  init_params: Optional[Dict] = None,
+  metrics_file: Optional[str] = None,
+):
   """Trains up to `run.train.steps`, resuming from the newest checkpoint in
   `run.checkpoint.directory` if there is one. Returns the final TrainState."""
   started = time.perf_counter()

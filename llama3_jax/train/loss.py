@@ -11,8 +11,11 @@ def shift_batch(batch):
   boundary, never on padding (segment id 0).
   """
   segment_ids = batch["segment_ids"]
-  inputs = dict(tokens=batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                segment_ids=segment_ids[:, :-1])
+  inputs = dict(
+    tokens=batch["tokens"][:, :-1],
+    positions=batch["positions"][:, :-1],
+    segment_ids=segment_ids[:, :-1],
+  )
   valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
   return inputs, batch["tokens"][:, 1:], valid
 

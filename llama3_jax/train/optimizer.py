@@ -24,7 +24,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     if not cfg.anneal_steps:
       return lr
     remaining = (total_steps - jnp.asarray(step, jnp.float32)) / cfg.anneal_steps
-    return jnp.where(step >= anneal_start, warmup_cosine(anneal_start) * jnp.maximum(remaining, 0.0), lr)
+    return jnp.where(
+      step >= anneal_start, warmup_cosine(anneal_start) * jnp.maximum(remaining, 0.0), lr
+    )
 
   return schedule
 
@@ -36,8 +38,14 @@ def _decay_mask(kind: str):
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=_decay_mask(cfg.weight_decay_mask))
+  adamw = optax.adamw(
+    learning_rate_schedule(cfg, total_steps),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=_decay_mask(cfg.weight_decay_mask),
+  )
   if not cfg.clip_norm:
     return adamw
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

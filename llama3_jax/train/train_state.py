@@ -27,8 +27,13 @@ class TrainState:
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
     zero = jnp.zeros((), jnp.int32)
-    return cls(step=zero, params=params, opt_state=tx.init(params), nonfinite_streak=zero,
-               nonfinite_total=zero)
+    return cls(
+      step=zero,
+      params=params,
+      opt_state=tx.init(params),
+      nonfinite_streak=zero,
+      nonfinite_total=zero,
+    )
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
@@ -38,22 +43,35 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   return logical_shardings(boxed, mesh)
 
 
-def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def abstract_train_state(
+  cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
   """ShapeDtypeStructs of the state, each with its sharding on `mesh`: a restore target."""
-  shapes = jax.eval_shape(lambda r: TrainState.create(nn.unbox(init_boxed(cfg, r)), tx), jax.random.key(0))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                      state_shardings(cfg, tx, mesh))
+  shapes = jax.eval_shape(
+    lambda r: TrainState.create(nn.unbox(init_boxed(cfg, r)), tx), jax.random.key(0)
+  )
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    shapes,
+    state_shardings(cfg, tx, mesh),
+  )
 
 
-def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                       rng: jax.Array, params: Optional[Dict] = None) -> Tuple[TrainState, Any]:
+def create_train_state(
+  cfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rng: jax.Array,
+  params: Optional[Dict] = None,
+) -> Tuple[TrainState, Any]:
   """(state, its shardings), built inside jit with sharded outputs: from random init, or from
   `params` (e.g. a converted checkpoint, on the host) placed leaf by leaf onto the mesh."""
   shardings = state_shardings(cfg, tx, mesh)
   with mesh_context(mesh):
     if params is None:
-      state = jax.jit(lambda r: TrainState.create(nn.unbox(init_boxed(cfg, r)), tx),
-                      out_shardings=shardings)(rng)
+      state = jax.jit(
+        lambda r: TrainState.create(nn.unbox(init_boxed(cfg, r)), tx), out_shardings=shardings
+      )(rng)
     else:
       params = jax.tree.map(jax.device_put, params, shardings.params)
       state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)

@@ -14,10 +14,12 @@ from llama3_jax.train.train_state import TrainState
 
 def split_micro_batches(tree, n: int):
   """[B, ...] leaves -> [n, B / n, ...]."""
+
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"Batch of {x.shape[0]} rows does not split into {n} micro-batches")
     return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
   return jax.tree.map(split, tree)
 
 
@@ -28,7 +30,9 @@ def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: 
 
   def objective(p, micro):
     inputs, targets, valid = shift_batch(micro)
-    logits = model.apply({"params": p}, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
+    logits = model.apply(
+      {"params": p}, inputs["tokens"], inputs["positions"], inputs["segment_ids"]
+    )
     ce_sum, z_sum = cross_entropy_sums(logits, targets, valid)
     return ce_sum + train_cfg.z_loss_weight * z_sum, (ce_sum, jnp.sum(valid))
 
@@ -41,12 +45,17 @@ def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
   (ce_sum, count, grads), _ = jax.lax.scan(
-      accumulate, init, split_micro_batches(batch, train_cfg.micro_batches))
+    accumulate, init, split_micro_batches(batch, train_cfg.micro_batches)
+  )
   return ce_sum, count, grads
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, Dict], Tuple[TrainState, Dict]]:
+def make_train_step(
+  model_cfg: ModelConfig,
+  train_cfg: TrainConfig,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+) -> Callable[[TrainState, Dict], Tuple[TrainState, Dict]]:
   """A pure (state, batch) -> (state, metrics) function; jit it with the state's shardings.
 
   batch: `tokens`, `positions`, `segment_ids` of [B, T + 1] int32 (see `shift_batch`). A step
@@ -64,12 +73,15 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gr
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
-        step=state.step + finite.astype(jnp.int32),
-        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=count,
-                   skipped=~finite)
+      step=state.step + finite.astype(jnp.int32),
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(
+      loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=count, skipped=~finite
+    )
     return new_state, metrics
 
   return train_step
