@@ -2,7 +2,9 @@
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Optional
+
+from llama3_jax.config.base import ConfigBase
 
 SOURCE_KINDS = ("text", "jsonl", "array_record")
 MAX_SEED = 2**32 - 1
@@ -44,7 +46,7 @@ class DataSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(ConfigBase):
   """Pretraining data: which documents, how they are mixed, and the packed rows they become.
 
   `sources` empty means the embedded corpus (the standard library's Python sources). Rows hold
@@ -108,22 +110,10 @@ class DataConfig:
     """Tokens per packed row: seq_len inputs plus the last target."""
     return self.seq_len + 1
 
-  def replace(self, **changes: Any) -> "DataConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
   @classmethod
-  def from_dict(cls, d: dict) -> "DataConfig":
-    """Inverse of `to_dict`; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown DataConfig fields {unknown}; known: {sorted(known)}")
-    d = dict(d)
-    if "sources" in d:
-      d["sources"] = tuple(
-        s if isinstance(s, DataSource) else DataSource(**s) for s in d["sources"]
+  def _from_fields(cls, fields: dict) -> dict:
+    if "sources" in fields:
+      fields["sources"] = tuple(
+        s if isinstance(s, DataSource) else DataSource(**s) for s in fields["sources"]
       )
-    return cls(**d)
+    return fields

@@ -2,11 +2,13 @@
 
 import dataclasses
 
+from llama3_jax.config.base import ConfigBase
+
 MESH_AXES = ("data", "fsdp", "pipeline", "context", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(ConfigBase):
   """Parallelism degrees, outermost (slowest links) to innermost; one of them may be -1 = the rest.
 
   `dcn_data` > 1 spreads the `data` axis over that many slices (multi-slice TPU, multi-node GPU):

@@ -1,7 +1,9 @@
 """The model description: one frozen dataclass holding every field that differs across the Llama 3 family."""
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
+
+from llama3_jax.config.base import ConfigBase
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "dot_product")
@@ -38,7 +40,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigBase):
   """A Llama 3 dense decoder.
 
   `dtype` is the compute dtype of matmuls; norms, softmax and RoPE run in float32.
@@ -103,20 +105,8 @@ class ModelConfig:
   def head_dim(self) -> int:
     return self.dim // self.n_heads
 
-  def replace(self, **changes: Any) -> "ModelConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
   @classmethod
-  def from_dict(cls, d: dict) -> "ModelConfig":
-    """Inverse of `to_dict`; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown ModelConfig fields {unknown}; known: {sorted(known)}")
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    return cls(**d)
+  def _from_fields(cls, fields: dict) -> dict:
+    if fields.get("rope_scaling") is not None:
+      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    return fields

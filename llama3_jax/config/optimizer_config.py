@@ -2,11 +2,13 @@
 
 import dataclasses
 
+from llama3_jax.config.base import ConfigBase
+
 WEIGHT_DECAY_MASKS = ("all", "matrices", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(ConfigBase):
   """Linear warm-up to `peak_lr`, cosine decay to `floor_ratio * peak_lr` at `decay_steps`, then
   constant; optionally a linear anneal to 0 over the last `anneal_steps` steps of training.
 

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Optional
 
+from llama3_jax.config.base import ConfigBase
 from llama3_jax.config.data_config import DataConfig
 from llama3_jax.config.mesh_config import MeshConfig
 from llama3_jax.config.model_config import ModelConfig
@@ -11,7 +12,7 @@ from llama3_jax.config.train_config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(ConfigBase):
   """`directory` None disables checkpoints; a save every `save_every` steps, the newest `keep` kept."""
 
   directory: Optional[str] = None
@@ -25,7 +26,7 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(ConfigBase):
   model: ModelConfig
   mesh: MeshConfig = MeshConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
@@ -33,16 +34,14 @@ class RunConfig:
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
   @classmethod
-  def from_dict(cls, d: dict) -> "RunConfig":
-    return cls(
-      model=ModelConfig.from_dict(d["model"]),
-      mesh=MeshConfig(**d["mesh"]),
-      optimizer=OptimizerConfig(**d["optimizer"]),
-      data=DataConfig.from_dict(d["data"]),
-      train=TrainConfig(**d["train"]),
-      checkpoint=CheckpointConfig(**d["checkpoint"]),
+  def _from_fields(cls, fields: dict) -> dict:
+    parts = dict(
+      model=ModelConfig,
+      mesh=MeshConfig,
+      optimizer=OptimizerConfig,
+      data=DataConfig,
+      train=TrainConfig,
+      checkpoint=CheckpointConfig,
     )
+    return {name: parts[name].from_dict(value) for name, value in fields.items()}

@@ -2,9 +2,11 @@
 
 import dataclasses
 
+from llama3_jax.config.base import ConfigBase
+
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigBase):
   """`steps` is the step to train up to; `micro_batches` splits each global batch for gradient
   accumulation (float32 sums); `z_loss_weight` adds weight * logsumexp(logits)^2 per target;
   after `max_nonfinite_steps` consecutive steps with a NaN/Inf loss or gradient (each skipped)
