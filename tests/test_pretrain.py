@@ -21,7 +21,7 @@ from llama3_jax.config import (
   RunConfig,
   TrainConfig,
 )
-from llama3_jax.train.loop import train
+from llama3_jax.train.loop import check_resumable, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,3 +146,13 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   last = max(_losses(metrics))
   assert last < 20
   assert sorted(int(d) for d in os.listdir(tmp_path / "run") if d.isdigit()) == [last]
+
+
+def test_resume_accepts_a_change_of_compute_settings():
+  stored = {"model": l3.get_config("tiny").to_dict()}
+  changed = RunConfig(
+    model=l3.get_config("tiny", remat_policy="full", attention_impl="dot_product")
+  )
+  check_resumable(stored, changed)
+  with pytest.raises(ValueError, match="ffn_dim: checkpoint 768 vs run 512"):
+    check_resumable(stored, RunConfig(model=l3.get_config("tiny", ffn_dim=512)))

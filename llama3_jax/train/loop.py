@@ -37,17 +37,21 @@ class TimeBreakdown:
     return f"{total:.1f}s total: {parts}; goodput {self.steps / max(total, 1e-9):.1%}"
 
 
+# Model fields a run may change when it resumes: they alter how it computes, not what it learned.
+_RESUMABLE_CHANGES = ("name", "dtype", "attention_impl", "remat_policy", "max_seq_len")
+
+
 def check_resumable(stored: Dict, run: RunConfig) -> None:
-  """Raises ValueError naming every model field where a checkpoint differs from this run."""
-  differing = {
-    k: (v, run.model.to_dict().get(k))
+  """Raises ValueError naming every model field where a checkpoint differs from this run, other
+  than those in `_RESUMABLE_CHANGES`."""
+  current = run.model.to_dict()
+  differing = sorted(
+    (k, v, current.get(k))
     for k, v in stored["model"].items()
-    if k != "name" and run.model.to_dict().get(k) != v
-  }
+    if k not in _RESUMABLE_CHANGES and current.get(k) != v
+  )
   if differing:
-    details = "; ".join(
-      f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items())
-    )
+    details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, a, b in differing)
     raise ValueError(f"Checkpoint does not match the model config: {details}")
 
 
