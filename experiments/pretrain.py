@@ -19,6 +19,7 @@ from llama3_jax.config import (
   OptimizerConfig,
   RunConfig,
   TrainConfig,
+  parse_ramp,
 )
 from llama3_jax.convert import load_checkpoint
 from llama3_jax.train.loop import train
@@ -30,6 +31,12 @@ _MESH = flags.DEFINE_string(
 )
 _BATCH = flags.DEFINE_integer("global_batch_size", 8, "Rows per step, over all processes.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
+_RAMP = flags.DEFINE_string(
+  "batch_ramp",
+  "",
+  "Batch-size / sequence-length ramp: START_TOKENS:ROWSxSEQ_LEN,... e.g. the paper's "
+  "'252e6:1024x8192,2.87e12:2048x8192' after --global_batch_size=1024 --seq_len=4096.",
+)
 _DATA = flags.DEFINE_multi_string(
   "data",
   [],
@@ -94,6 +101,7 @@ def _run_config(model_cfg) -> RunConfig:
       global_batch_size=_BATCH.value,
       seed=_SEED.value,
       held_out_fraction=_HELD_OUT.value,
+      ramp=parse_ramp(_RAMP.value),
     ),
     train=TrainConfig(
       steps=steps,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from llama3_jax.config.data_config import DataConfig, DataSource
+from llama3_jax.config.data_config import BatchStage, DataConfig, DataSource, parse_ramp
 from llama3_jax.data import (
   JsonLines,
   MalformedCounter,
@@ -260,7 +260,9 @@ def test_held_out_documents_form_the_eval_split(tmp_path):
 
 def test_pipeline_argument_errors(three_sources):
   cfg = DataConfig(sources=three_sources, global_batch_size=6)
-  with pytest.raises(ValueError, match="global_batch_size=6 is not divisible by process_count=4"):
+  with pytest.raises(
+    ValueError, match="global_batch_size=6 .* is not divisible by process_count=4"
+  ):
     make_pipeline(cfg, CharTokenizer(), process_index=0, process_count=4)
   with pytest.raises(ValueError, match="split"):
     make_pipeline(cfg, CharTokenizer(), split="test")
@@ -417,6 +419,81 @@ def test_embedded_corpus_with_the_real_tokenizer():
   assert batch["tokens"].min() >= 0 and batch["tokens"].max() < tokenizer.vocab_size
   starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
   assert np.all(batch["tokens"][starts] == tokenizer.bos_id)
+
+
+# Batch-size / sequence-length ramp
+
+
+def test_ramp_changes_shape_at_the_token_counts(three_sources):
+  # 2 x 16 = 32 tokens a batch until 96 tokens (3 batches), then 3 x 32 = 96 a batch until
+  # 300 (3 more: 96 + 288 = 384 >= 300), then 2 x 8 rows.
+  cfg = DataConfig(
+    sources=three_sources, seq_len=16, global_batch_size=2, ramp=parse_ramp("96:3x32,300:2x8")
+  )
+  shapes = [b["tokens"].shape for b in take(make_pipeline(cfg, CharTokenizer()), 9)]
+  assert shapes == [(2, 17)] * 3 + [(3, 33)] * 3 + [(2, 9)] * 3
+  per_process = make_pipeline(
+    cfg.replace(ramp=parse_ramp("96:4x32")), CharTokenizer(), process_index=1, process_count=2
+  )
+  assert [b["tokens"].shape for b in take(per_process, 5)] == [(1, 17)] * 3 + [(2, 33)] * 2
+  with pytest.raises(ValueError, match="global_batch_size=3 .*token 96.* process_count=2"):
+    make_pipeline(cfg, CharTokenizer(), process_count=2)
+
+
+def test_ramp_continues_the_document_stream_across_row_lengths(tmp_path):
+  texts = [f"doc{k}:" + "q" * (k * 7 % 50) for k in range(60)]
+  cfg = DataConfig(
+    sources=(DataSource(write_jsonl(tmp_path / "d.jsonl", texts), "jsonl"),),
+    seq_len=24,
+    global_batch_size=2,
+    num_epochs=1,
+    row_shuffle_window=0,
+    ramp=parse_ramp("200:3x10,500:1x40"),
+  )
+  batches = list(make_pipeline(cfg, CharTokenizer()))
+  assert {b["tokens"].shape for b in batches} == {(2, 25), (3, 11), (1, 41)}
+  texts_read = [text_of(d) for d in stitch(rows_of(batches))]
+  unramped = list(make_pipeline(cfg.replace(ramp=()), CharTokenizer()))
+  assert texts_read == [text_of(d) for d in stitch(rows_of(unramped))]
+  assert sorted(texts_read) == sorted(texts)
+
+
+def test_ramp_resumes_exactly_from_any_batch(three_sources):
+  cfg = DataConfig(
+    sources=three_sources,
+    seq_len=16,
+    global_batch_size=2,
+    row_shuffle_window=5,
+    ramp=parse_ramp("96:3x32,300:2x8"),
+  )
+  iterator = make_pipeline(cfg, CharTokenizer())
+  states, batches = [], []
+  for _ in range(10):
+    states.append(json.dumps(iterator.get_state()))
+    batches.append(next(iterator))
+  for start in (2, 3, 5, 6, 8):
+    restored = make_pipeline(cfg, CharTokenizer())
+    restored.set_state(json.loads(states[start]))
+    assert_batches_equal(take(restored, 10 - start), batches[start:])
+  shorter = make_pipeline(cfg.replace(ramp=cfg.ramp[:1]), CharTokenizer())
+  with pytest.raises(ValueError, match="stage 2; this ramp has 2 stages"):
+    shorter.set_state(json.loads(states[8]))
+
+
+def test_ramp_config_errors():
+  assert parse_ramp("252e6:1024x8192, 2.87e12:2048x8192") == (
+    BatchStage(252_000_000, 1024, 8192),
+    BatchStage(2_870_000_000_000, 2048, 8192),
+  )
+  with pytest.raises(ValueError, match="Bad ramp stage '1e6:1024'"):
+    parse_ramp("1e6:1024")
+  with pytest.raises(ValueError, match="BatchStage.seq_len"):
+    parse_ramp("10:2x0")
+  with pytest.raises(ValueError, match="increasing token counts > 0, got \\[20, 10\\]"):
+    DataConfig(ramp=parse_ramp("20:1x2,10:1x2"))
+  cfg = DataConfig(ramp=parse_ramp("252e6:1024x8192"))
+  assert DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert cfg.stage_config(1) == DataConfig(global_batch_size=1024, seq_len=8192)
 
 
 # Config

@@ -20,6 +20,7 @@ from llama3_jax.config import (
   OptimizerConfig,
   RunConfig,
   TrainConfig,
+  parse_ramp,
 )
 from llama3_jax.train.loop import check_resumable, train
 
@@ -35,6 +36,7 @@ def _losses(metrics_file):
 
 
 def _pretrain_command(directory, metrics_file, save_every=5):
+  """20 steps; rows 2 x 32 until 320 tokens (5 steps), then 3 x 24 (a second compiled shape)."""
   return [
     sys.executable,
     os.path.join(REPO, "experiments", "pretrain.py"),
@@ -42,6 +44,7 @@ def _pretrain_command(directory, metrics_file, save_every=5):
     "--steps=20",
     "--global_batch_size=2",
     "--seq_len=32",
+    "--batch_ramp=320:3x24",
     "--lr=3e-3",
     f"--save_every={save_every}",
     "--eval_every=0",
@@ -55,7 +58,7 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   straight = subprocess.run(
     _pretrain_command(tmp_path / "a", tmp_path / "a.jsonl"),
-    env=env,
+    env={**env, "JAX_LOG_COMPILES": "1"},
     capture_output=True,
     text=True,
     timeout=600,
@@ -79,6 +82,9 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path):
   assert sorted(got) == list(range(1, 21))
   assert [got[s] for s in range(1, 21)] == [expected[s] for s in range(1, 21)]
   assert expected[20] < expected[1]
+  shapes = [r["batch_shape"] for r in map(json.loads, open(tmp_path / "a.jsonl"))]
+  assert shapes == [[2, 32]] * 5 + [[3, 24]] * 15
+  assert straight.stderr.count("compilation of jit(train_step)") == 2  # one per batch shape
 
 
 def _run(directory, steps, mesh, seed=0, **model_changes):
@@ -116,6 +122,13 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tokenizer):
     ValueError, match=r"does not match the model config: n_layers: checkpoint 4 vs run 2"
   ):
     train(_run(tmp_path, 2, "fsdp=8", n_layers=2), tokenizer)
+
+
+def test_ramp_stage_that_does_not_divide_over_the_mesh_is_named(tmp_path, tokenizer):
+  run = _run(tmp_path, 1, "fsdp=8")
+  ramped = run.replace(data=run.data.replace(ramp=parse_ramp("64:12x16")))
+  with pytest.raises(ValueError, match=r"global_batch_size=12 \(the stage from token 64\)"):
+    train(ramped, tokenizer)
 
 
 def test_missing_data_path_is_named(tmp_path, tokenizer):

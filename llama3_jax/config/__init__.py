@@ -5,5 +5,5 @@ from llama3_jax.config.presets import PRESETS, get_config
 from llama3_jax.config.mesh_config import MESH_AXES, MeshConfig
 from llama3_jax.config.optimizer_config import OptimizerConfig
 from llama3_jax.config.train_config import TrainConfig
-from llama3_jax.config.data_config import DataConfig, DataSource
+from llama3_jax.config.data_config import BatchStage, DataConfig, DataSource, parse_ramp
 from llama3_jax.config.run_config import CheckpointConfig, RunConfig

@@ -45,6 +45,49 @@ class DataSource:
       )
 
 
+def _check_positive_int(owner: str, field: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{owner}.{field} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStage:
+  """Once `start_tokens` training tokens have been read, steps take `global_batch_size` rows of
+  `seq_len` tokens (a stage of the batch-size / sequence-length ramp)."""
+
+  start_tokens: int
+  global_batch_size: int
+  seq_len: int
+
+  def __post_init__(self):
+    for field in ("global_batch_size", "seq_len"):
+      _check_positive_int("BatchStage", field, getattr(self, field))
+    if isinstance(self.start_tokens, bool) or not isinstance(self.start_tokens, int):
+      raise ValueError(f"BatchStage.start_tokens must be an int, got {self.start_tokens!r}")
+
+  @property
+  def tokens_per_batch(self) -> int:
+    return self.global_batch_size * self.seq_len
+
+
+def parse_ramp(spec: str) -> tuple[BatchStage, ...]:
+  """ "252e6:1024x8192,2.87e12:2048x8192" -> stages (start tokens : rows x row length); "" -> ()."""
+  stages = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    try:
+      start, shape = part.split(":")
+      rows, length = shape.lower().split("x")
+      start_tokens = float(start)
+      if not start_tokens.is_integer():
+        raise ValueError(f"{start} is not a whole number of tokens")
+      stages.append(BatchStage(int(start_tokens), int(rows), int(length)))
+    except ValueError as e:
+      raise ValueError(
+        f"Bad ramp stage {part!r}: expected START_TOKENS:ROWSxSEQ_LEN, e.g. 252e6:1024x8192 ({e})"
+      ) from None
+  return tuple(stages)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(ConfigBase):
   """Pretraining data: which documents, how they are mixed, and the packed rows they become.
@@ -56,7 +99,9 @@ class DataConfig(ConfigBase):
   documents forever, reshuffled each epoch; with `shuffle`, training rows are also shuffled within
   windows of `row_shuffle_window` packed rows (so one long document does not fill a batch; 0 or 1: off).
   `read_threads` threads per source read and tokenize up to `read_buffer_size` documents ahead
-  (0 threads: in the iterating thread).
+  (0 threads: in the iterating thread). `ramp` changes the batch shape as training tokens are
+  read (e.g. the paper's 4M tokens of 4K rows, then 8M of 8K after 252M tokens, then 16M after
+  2.87T): `global_batch_size` and `seq_len` hold until the first stage starts.
   """
 
   sources: tuple[DataSource, ...] = ()
@@ -70,6 +115,7 @@ class DataConfig(ConfigBase):
   skip_malformed: bool = True
   read_threads: int = 1
   read_buffer_size: int = 32
+  ramp: tuple[BatchStage, ...] = ()
 
   def __post_init__(self):
     if isinstance(self.sources, list):
@@ -79,9 +125,16 @@ class DataConfig(ConfigBase):
     ):
       raise ValueError(f"DataConfig.sources must be a tuple of DataSource, got {self.sources!r}")
     for field in ("seq_len", "global_batch_size"):
-      value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"DataConfig.{field} must be a positive int, got {value!r}")
+      _check_positive_int("DataConfig", field, getattr(self, field))
+    if isinstance(self.ramp, list):
+      object.__setattr__(self, "ramp", tuple(self.ramp))
+    if not isinstance(self.ramp, tuple) or not all(isinstance(s, BatchStage) for s in self.ramp):
+      raise ValueError(f"DataConfig.ramp must be a tuple of BatchStage, got {self.ramp!r}")
+    starts = [s.start_tokens for s in self.ramp]
+    if starts != sorted(set(starts)) or (starts and starts[0] <= 0):
+      raise ValueError(
+        f"DataConfig.ramp stages must start at increasing token counts > 0, got {starts}"
+      )
     if (
       isinstance(self.seed, bool)
       or not isinstance(self.seed, int)
@@ -110,8 +163,22 @@ class DataConfig(ConfigBase):
     """Tokens per packed row: seq_len inputs plus the last target."""
     return self.seq_len + 1
 
+  @property
+  def stages(self) -> tuple[BatchStage, ...]:
+    """Every batch shape of the run, the first starting at token 0."""
+    return (BatchStage(0, self.global_batch_size, self.seq_len),) + self.ramp
+
+  def stage_config(self, index: int) -> "DataConfig":
+    """This config with stage `index`'s batch shape and no ramp."""
+    stage = self.stages[index]
+    return self.replace(global_batch_size=stage.global_batch_size, seq_len=stage.seq_len, ramp=())
+
   @classmethod
   def _from_fields(cls, fields: dict) -> dict:
+    if "ramp" in fields:
+      fields["ramp"] = tuple(
+        s if isinstance(s, BatchStage) else BatchStage(**s) for s in fields["ramp"]
+      )
     if "sources" in fields:
       fields["sources"] = tuple(
         s if isinstance(s, DataSource) else DataSource(**s) for s in fields["sources"]

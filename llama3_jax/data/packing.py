@@ -8,7 +8,7 @@ and no pair crosses a row or a document. Only the last row of finite data is pad
 at 0 in a continued document, hence this small iterator.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import grain
 import numpy as np
@@ -18,18 +18,30 @@ class PackIterDataset(grain.IterDataset):
   """Rows {tokens, segment_ids, positions}: int32 [length] each, from 1-D token arrays.
 
   segment_ids number the documents of a row 1, 2, ... (0 = padding); positions count tokens from
-  the start of each document. Empty arrays are skipped.
+  the start of each document. Empty arrays are skipped. `start_state` (a PackDatasetIterator state,
+  which does not depend on the row length) starts the rows there instead of at the beginning.
   """
 
-  def __init__(self, parent: grain.IterDataset, length: int, *, pad_id: int = 0):
+  def __init__(
+    self,
+    parent: grain.IterDataset,
+    length: int,
+    *,
+    pad_id: int = 0,
+    start_state: Optional[dict[str, Any]] = None,
+  ):
     if length < 2:
       raise ValueError(f"Packed rows need length >= 2 (an input and a target), got {length}")
     super().__init__(parent)
     self._length = length
     self._pad_id = pad_id
+    self._start_state = start_state
 
   def __iter__(self) -> "PackDatasetIterator":
-    return PackDatasetIterator(self._parent.__iter__(), self._length, self._pad_id)
+    iterator = PackDatasetIterator(self._parent.__iter__(), self._length, self._pad_id)
+    if self._start_state is not None:
+      iterator.set_state(self._start_state)
+    return iterator
 
   def __str__(self) -> str:
     return f"PackIterDataset(length={self._length})"

@@ -1,5 +1,6 @@
 """make_pipeline: documents -> held-out split, per-process shard, seeded shuffle per epoch, tokenize ->
-mixture of sources by token weight -> packed rows -> window shuffle of rows -> per-process batches.
+mixture of sources by token weight -> packed rows -> window shuffle of rows -> per-process batches
+(of a shape that may change with tokens read: the batch-size / sequence-length ramp).
 Deterministic given the seed, and checkpointable through grain's `get_state()` / `set_state()`."""
 
 import functools
@@ -13,6 +14,7 @@ from absl import logging
 from llama3_jax.config.data_config import DataConfig
 from llama3_jax.data.corpus import embedded_corpus
 from llama3_jax.data.packing import PackIterDataset
+from llama3_jax.data.ramp import RampDatasetIterator
 from llama3_jax.data.sources import DocumentSource, MalformedCounter, open_source
 
 SPLITS = ("train", "eval")
@@ -186,8 +188,9 @@ def make_pipeline(
   Keys `tokens`, `segment_ids` (1, 2, ... per document in a row, 0 = padding) and `positions`
   (within the document); see packing.py. `tokenizer.encode(text, bos=True, eos=True)` tokenizes.
   "train" repeats `num_epochs` times (None: forever), reshuffling documents each epoch and rows
-  within windows; "eval" reads the held-out documents once, unshuffled, and pads its last batch with
-  padding rows. Malformed documents skipped are counted in `counter`. Resume exactly with
+  within windows, and follows `data_cfg.ramp` (see ramp.py); "eval" reads the held-out documents
+  once, unshuffled, in batches of the first stage's shape, and pads its last batch with padding
+  rows. Malformed documents skipped are counted in `counter`. Resume exactly with
   `set_state(get_state())`.
   """
   if split not in SPLITS:
@@ -196,14 +199,43 @@ def make_pipeline(
     raise ValueError(
       f"Need 0 <= process_index < process_count, got {process_index} and {process_count}"
     )
-  if data_cfg.global_batch_size % process_count:
-    raise ValueError(
-      f"DataConfig.global_batch_size={data_cfg.global_batch_size} is not divisible by "
-      f"process_count={process_count}"
-    )
+  for stage in data_cfg.stages:
+    if stage.global_batch_size % process_count:
+      raise ValueError(
+        f"global_batch_size={stage.global_batch_size} (the stage from token {stage.start_tokens}) "
+        f"is not divisible by process_count={process_count}"
+      )
   if split == "eval" and not data_cfg.held_out_fraction:
     raise ValueError("The eval split needs DataConfig.held_out_fraction > 0")
-  counter = MalformedCounter() if counter is None else counter
+  documents = _mixed_documents(
+    data_cfg, tokenizer, split, process_index, process_count, counter or MalformedCounter()
+  )
+
+  def stage_batches(index: int, packer_start: Optional[dict]) -> grain.DatasetIterator:
+    stage_cfg = data_cfg.stage_config(index)
+    rows = PackIterDataset(documents, stage_cfg.row_len, start_state=packer_start)
+    if split == "train" and stage_cfg.shuffle and stage_cfg.row_shuffle_window > 1:
+      rows = grain.experimental.WindowShuffleIterDataset(
+        rows, window_size=stage_cfg.row_shuffle_window, seed=_seed(stage_cfg.seed, 1)
+      )
+    batch_size = stage_cfg.global_batch_size // process_count
+    pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
+    return iter(rows.batch(batch_size, batch_fn=pad_batch))
+
+  if split == "train" and data_cfg.ramp:
+    return RampDatasetIterator(data_cfg.stages, stage_batches)
+  return stage_batches(0, None)
+
+
+def _mixed_documents(
+  data_cfg: DataConfig,
+  tokenizer: Any,
+  split: str,
+  process_index: int,
+  process_count: int,
+  counter: MalformedCounter,
+) -> grain.IterDataset:
+  """Token arrays of this split and process from every source, mixed by token weight."""
   kwargs = dict(skip_malformed=data_cfg.skip_malformed, counter=counter)
   if data_cfg.sources:
     sources = [open_source(s, **kwargs) for s in data_cfg.sources]
@@ -230,13 +262,4 @@ def make_pipeline(
     list(sizes),
     names,
   )
-  rows = PackIterDataset(
-    MixIterDataset(streams, weights, names=names, epoch_sizes=sizes), data_cfg.row_len
-  )
-  if split == "train" and data_cfg.shuffle and data_cfg.row_shuffle_window > 1:
-    rows = grain.experimental.WindowShuffleIterDataset(
-      rows, window_size=data_cfg.row_shuffle_window, seed=_seed(data_cfg.seed, 1)
-    )
-  batch_size = data_cfg.global_batch_size // process_count
-  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
-  return iter(rows.batch(batch_size, batch_fn=pad_batch))
+  return MixIterDataset(streams, weights, names=names, epoch_sizes=sizes)

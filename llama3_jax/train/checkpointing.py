@@ -4,12 +4,24 @@ Each save goes to a temporary directory that Orbax renames into place only once 
 interrupted save never replaces the last good checkpoint; the newest complete step is restored.
 """
 
+import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import grain
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+class _DataPosition:
+  """A data iterator's state taken earlier, in the form grain's checkpoint handler writes (one
+  JSON file per process) and `grain.checkpoint.CheckpointRestore(iterator)` reads back."""
+
+  def __init__(self, state: Dict):
+    self._json = json.dumps(state, indent=2).encode()
+
+  def get_state(self) -> bytes:
+    return self._json
 
 
 class RunCheckpointer:
@@ -31,11 +43,11 @@ class RunCheckpointer:
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0
 
-  def save(self, step: int, state, data_iterator, run_config: Dict) -> None:
-    """Starts saving `state`, the iterator's position and `run_config` (JSON) as `step`."""
+  def save(self, step: int, state, data_position: Optional[Dict], run_config: Dict) -> None:
+    """Starts saving `state`, a data iterator's `get_state()` and `run_config` (JSON) as `step`."""
     args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(run_config))
-    if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if data_position is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_position))
     self._manager.save(step, args=ocp.args.Composite(**args), force=True)
     logging.info("Checkpoint of step %d started in %s", step, self.directory)
 

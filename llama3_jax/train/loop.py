@@ -22,10 +22,11 @@ from llama3_jax.train.train_step import loss_sums_and_grads, make_train_step
 
 @dataclasses.dataclass
 class TimeBreakdown:
-  """Wall seconds by activity; goodput is the share spent in training steps."""
+  """Wall seconds by activity; goodput is the share spent in training steps. `data` is host time
+  spent reading batches, most of it while the devices run the step before."""
 
   compile: float = 0.0
-  data_wait: float = 0.0
+  data: float = 0.0
   steps: float = 0.0
   evaluation: float = 0.0
   checkpointing: float = 0.0
@@ -92,11 +93,14 @@ class _Run:
     self.run, self.tokenizer, self.times = run, tokenizer, TimeBreakdown()
     cfg, train_cfg = run.model, run.train
     self.mesh = make_mesh(run.mesh)
-    if run.data.global_batch_size % batch_degree(self.mesh):
-      raise ValueError(
-        f"global_batch_size={run.data.global_batch_size} does not divide over the "
-        f"{batch_degree(self.mesh)} data x fsdp shards of mesh {dict(self.mesh.shape)}"
-      )
+    rows_per_split = batch_degree(self.mesh) * train_cfg.micro_batches
+    for stage in run.data.stages:
+      if stage.global_batch_size % rows_per_split:
+        raise ValueError(
+          f"global_batch_size={stage.global_batch_size} (the stage from token "
+          f"{stage.start_tokens}) does not divide into {train_cfg.micro_batches} micro-batches over "
+          f"the {batch_degree(self.mesh)} data x fsdp shards of mesh {dict(self.mesh.shape)}"
+        )
     tx = make_optimizer(run.optimizer, train_cfg.steps)
     self.malformed = MalformedCounter()
     self.data = make_pipeline(
@@ -133,9 +137,15 @@ class _Run:
       donate_argnums=0,
     )
     self.eval_fn = jax.jit(lambda p, b: loss_sums_and_grads(p, b, cfg, train_cfg)[:2])
-    self.tokens_per_step = run.data.global_batch_size * run.data.seq_len
-    self.flops_per_step = train_flops_per_token(cfg, run.data.seq_len) * self.tokens_per_step
     self.metrics_file = metrics_file if jax.process_index() == 0 else None
+
+  def _draw(self):
+    """(The next batch on the devices, the data position after it)."""
+    t = time.perf_counter()
+    batch = _device_batch(next(self.data), self.data_sharding)
+    position = self.data.get_state()
+    self.times.data += time.perf_counter() - t
+    return batch, position
 
   def evaluate(self) -> float:
     """Mean loss per target over up to `eval_batches` held-out batches."""
@@ -153,27 +163,37 @@ class _Run:
     return ce_total / max(count_total, 1)
 
   def loop(self, stop: _StopRequest, metrics_out) -> None:
+    """Steps until `train.steps` or a stop request. The next batch is read while the devices run
+    the current step; a checkpoint stores the data position after the last batch trained on."""
     train_cfg, times = self.run.train, self.times
-    step = first_step = int(self.state.step)
+    step = int(self.state.step)
     logging.info(
       "Training from step %d to %d on mesh %s", step, train_cfg.steps, dict(self.mesh.shape)
     )
-    window_start, window_steps = time.perf_counter(), 0
+    compiled_shapes, upcoming = set(), None
     while step < train_cfg.steps and not stop.requested:
+      batch, position = upcoming or self._draw()
+      rows, row_len = batch["tokens"].shape
       t = time.perf_counter()
-      batch = _device_batch(next(self.data), self.data_sharding)
-      times.data_wait += time.perf_counter() - t
-
-      t = time.perf_counter()
+      data_before = times.data
       self.state, metrics = self.step_fn(self.state, batch)
+      upcoming = self._draw() if step + 1 < train_cfg.steps else None
       metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - t
-      if step == first_step:
+      elapsed = time.perf_counter() - t - (times.data - data_before)
+      if (
+        rows,
+        row_len,
+      ) not in compiled_shapes:  # one compile per batch shape (see DataConfig.ramp)
+        compiled_shapes.add((rows, row_len))
         times.compile += elapsed
-        window_start = time.perf_counter()
+        window = dict(seconds=0.0, steps=0, tokens=0, flops=0.0)
       else:
         times.steps += elapsed
-        window_steps += 1
+        tokens = rows * (row_len - 1)
+        window["seconds"] += elapsed
+        window["steps"] += 1
+        window["tokens"] += tokens
+        window["flops"] += train_flops_per_token(self.run.model, row_len - 1) * tokens
       if int(self.state.nonfinite_streak) >= train_cfg.max_nonfinite_steps:
         raise FloatingPointError(
           f"{train_cfg.max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient "
@@ -189,13 +209,13 @@ class _Run:
         lr=float(metrics["lr"]),
         grad_norm=float(metrics["grad_norm"]),
         tokens=int(metrics["tokens"]),
+        batch_shape=[rows, row_len - 1],
       )
-      if window_steps:
-        seconds_per_step = (time.perf_counter() - window_start) / window_steps
+      if window["steps"]:
         record.update(
-          tokens_per_s=self.tokens_per_step / seconds_per_step,
-          tflops_per_s=self.flops_per_step / seconds_per_step / 1e12,
-          eta_s=seconds_per_step * (train_cfg.steps - step),
+          tokens_per_s=window["tokens"] / window["seconds"],
+          tflops_per_s=window["flops"] / window["seconds"] / 1e12,
+          eta_s=window["seconds"] / window["steps"] * (train_cfg.steps - step),
         )
         if train_cfg.peak_tflops_per_device:
           record["mfu"] = record["tflops_per_s"] / (
@@ -216,7 +236,7 @@ class _Run:
         self.checkpointer.should_save(step) or step == train_cfg.steps or stop.requested
       ):
         t = time.perf_counter()
-        self.checkpointer.save(step, self.state, self.data, self.run.to_dict())
+        self.checkpointer.save(step, self.state, position, self.run.to_dict())
         times.checkpointing += time.perf_counter() - t
 
 
