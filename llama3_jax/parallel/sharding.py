@@ -16,8 +16,10 @@ from llama3_jax.parallel.rules import LOGICAL_AXIS_RULES, check_divisibility
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
   """Trace and run under `mesh` with the logical rules active, so the model's activation
-  constraints (`nn.with_logical_constraint`) take effect."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+  constraints (`nn.with_logical_constraint`) take effect. On a one-device mesh there is nothing to
+  place and the rules stay off: the constraints would only keep XLA from fusing across them."""
+  rules = LOGICAL_AXIS_RULES if mesh.size > 1 else ()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 
