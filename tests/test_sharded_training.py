@@ -17,7 +17,8 @@ from llama3_jax.train import (
   make_train_step,
 )
 
-# 8 heads, 8 kv heads, ffn 256 and vocab 512 all divide tensor=8; embed 64 divides fsdp=8.
+# 8 heads, 8 kv heads, ffn 256 and vocab 512 all divide tensor=8; embed 64 divides fsdp=8; rows of
+# 32 inputs split into 2 x 4 chunks for context=4, with documents crossing the chunk boundaries.
 CFG = l3.get_config("test-3.1", n_heads=8, n_kv_heads=8, ffn_dim=256)
 TRAIN = TrainConfig(steps=3, micro_batches=2)
 OPT = OptimizerConfig(peak_lr=1e-2, warmup_steps=1, decay_steps=10)
@@ -77,7 +78,16 @@ def single_device():
 
 
 @pytest.mark.parametrize(
-  "layout", ["fsdp=8", "tensor=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
+  "layout",
+  [
+    "fsdp=8",
+    "tensor=8",
+    "fsdp=4,tensor=2",
+    "data=2,fsdp=2,tensor=2",
+    "fsdp=4,context=2",
+    "fsdp=2,context=4",
+    "fsdp=2,context=2,tensor=2",
+  ],
 )
 def test_layout_matches_single_device(single_device, layout):
   """fp32 throughout; sharded reductions sum in a different order, so losses agree to 1e-5

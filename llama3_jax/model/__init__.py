@@ -2,7 +2,7 @@
 
 Logical axis names (mapped onto a mesh by one rules table, outside the model):
   parameters:  layers, vocab, embed, heads, kv_heads, head_dim, mlp, norm
-  activations: batch, length, act_embed, act_heads, act_kv_heads, act_head_dim, act_mlp, act_vocab
+  activations: batch, length, kv_length, act_embed, act_heads, act_kv_heads, act_head_dim, act_mlp, act_vocab
 Activations have their own names so that sharding a parameter axis (FSDP on `embed`) does not
 shard the activations along it.
 """

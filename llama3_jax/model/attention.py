@@ -79,8 +79,8 @@ class Attention(nn.Module):
     k = apply_rope(jnp.einsum("btd,dgk->btgk", x_BTD, wk), positions_BT, inv_freq)
     v = jnp.einsum("btd,dgk->btgk", x_BTD, wv)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_head_dim"))
-    k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "act_head_dim"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "act_head_dim"))
+    k = nn.with_logical_constraint(k, ("batch", "kv_length", "act_kv_heads", "act_head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "kv_length", "act_kv_heads", "act_head_dim"))
 
     if cache_kv is not None:
       start = (layer_index, 0, cache_index, 0, 0)

@@ -93,6 +93,7 @@ class Transformer(nn.Module):
     if cache is None:
       cache_kv, cache_index = None, None
       mask_BTS = attention_mask(positions, segment_ids, positions, segment_ids)
+      mask_BTS = nn.with_logical_constraint(mask_BTS, ("batch", "length", "kv_length"))
     else:
       cache_index = cache.index
       kv_positions = jax.lax.dynamic_update_slice_in_dim(

@@ -11,10 +11,12 @@ from llama3_jax.config import ModelConfig
 from llama3_jax.model import param_shapes
 
 # FSDP shards the parameters' `embed` axis; tensor parallelism shards heads, kv heads, the FFN
-# hidden axis and the vocabulary (Megatron style); the batch is split over data and fsdp.
+# hidden axis and the vocabulary (Megatron style); the batch is split over data and fsdp; context
+# parallelism splits the sequence (`length`), while keys and values (`kv_length`) are gathered.
 LOGICAL_AXIS_RULES: Tuple[Tuple[str, object], ...] = (
   ("batch", ("data", "fsdp")),
-  ("length", None),
+  ("length", "context"),
+  ("kv_length", None),
   ("layers", None),
   ("vocab", "tensor"),
   ("embed", "fsdp"),

@@ -35,8 +35,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Dict:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[B, T] arrays split over the batch axes, replicated elsewhere."""
-  spec = nn.logical_to_mesh_axes(("batch", "length"), LOGICAL_AXIS_RULES)
+  """[B, L] input rows split over the batch axes, whole along L (the step splits the sequence)."""
+  spec = nn.logical_to_mesh_axes(("batch", None), LOGICAL_AXIS_RULES)
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 

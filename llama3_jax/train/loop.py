@@ -12,7 +12,13 @@ from absl import logging
 
 from llama3_jax.config import RunConfig
 from llama3_jax.data import MalformedCounter, make_pipeline
-from llama3_jax.parallel import batch_degree, batch_sharding, make_mesh, mesh_context
+from llama3_jax.parallel import (
+  batch_degree,
+  batch_sharding,
+  load_balanced_order,
+  make_mesh,
+  mesh_context,
+)
 from llama3_jax.train.checkpointing import RunCheckpointer
 from llama3_jax.train.flops import train_flops_per_token
 from llama3_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -95,6 +101,7 @@ class _Run:
     self.mesh = make_mesh(run.mesh)
     rows_per_split = batch_degree(self.mesh) * train_cfg.micro_batches
     for stage in run.data.stages:
+      load_balanced_order(stage.seq_len, self.mesh.shape["context"])  # raises if it does not split
       if stage.global_batch_size % rows_per_split:
         raise ValueError(
           f"global_batch_size={stage.global_batch_size} (the stage from token "

@@ -8,6 +8,7 @@ import optax
 
 from llama3_jax.config import ModelConfig, TrainConfig
 from llama3_jax.model import Transformer
+from llama3_jax.parallel.context import context_degree, reorder_for_context
 from llama3_jax.train.loss import cross_entropy_sums, shift_batch
 from llama3_jax.train.train_state import TrainState
 
@@ -25,11 +26,12 @@ def split_micro_batches(tree, n: int):
 
 def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
   """Summed over the batch's valid targets: (cross-entropy, number of targets, gradients of
-  cross-entropy + z-loss), accumulated over micro-batches in float32."""
+  cross-entropy + z-loss), accumulated over micro-batches in float32. Under a mesh with context
+  parallelism the sequence is first put in the load-balanced order (parallel/context.py)."""
   model = Transformer(model_cfg)
 
   def objective(p, micro):
-    inputs, targets, valid = shift_batch(micro)
+    inputs, targets, valid = reorder_for_context(shift_batch(micro), context_degree())
     logits = model.apply(
       {"params": p}, inputs["tokens"], inputs["positions"], inputs["segment_ids"]
     )
