@@ -22,6 +22,7 @@ from llama3_jax.config import (
   parse_ramp,
 )
 from llama3_jax.convert import load_checkpoint
+from llama3_jax.parallel import initialize
 from llama3_jax.train.loop import train
 
 _CONFIG = flags.DEFINE_string("config", "tiny", "Model preset.")
@@ -62,6 +63,14 @@ _PEAK_TFLOPS = flags.DEFINE_float(
   "peak_tflops_per_device", 0.0, "For MFU (e.g. 989 for H100 bf16)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation and data order.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 in a multi-process job (with the two below)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost", False, "Join the job JAX finds in the environment (Cloud TPU pod slices)."
+)
 _SAMPLE = flags.DEFINE_string(
   "sample_prompt", "def fibonacci(n):", "Printed continuation at the end."
 )
@@ -129,6 +138,7 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
   tokenizer = l3.Tokenizer.default()
   init_params = None
   if _INIT.value:

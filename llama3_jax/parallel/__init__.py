@@ -1,6 +1,7 @@
 """Parallelism: the device mesh, the logical-axis rules table and shardings derived from it."""
 
 from llama3_jax.parallel.context import context_degree, load_balanced_order, reorder_for_context
+from llama3_jax.parallel.distributed import initialize
 from llama3_jax.parallel.mesh import make_mesh
 from llama3_jax.parallel.rules import LOGICAL_AXIS_RULES, batch_degree, check_divisibility
 from llama3_jax.parallel.sharding import (
