@@ -25,6 +25,6 @@ setuptools.setup(
     extras_require={
         # References the tests compare against, and readers of Meta's .pth checkpoints.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "transformers", "fairscale", "pytest"],
+        "test": ["torch==2.13.0", "transformers", "fairscale", "pytest", "pyyaml"],
     },
 )
