@@ -1,4 +1,5 @@
-"""Pretrains a Llama 3 preset on a mesh of data / FSDP / tensor parallelism; re-running resumes.
+"""Pretrains a Llama 3 preset on a mesh of data / FSDP / pipeline / context / tensor parallelism;
+re-running resumes.
 
   python experiments/pretrain.py --config tiny --steps 150 --checkpoint_dir /tmp/tiny_run
   python experiments/pretrain.py --config llama3.1-8b --mesh fsdp=64,tensor=8 \
@@ -56,6 +57,12 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", None, "Default: min(8000, steps /
 _DECAY = flags.DEFINE_integer("decay_steps", None, "Cosine length; default: steps.")
 _ANNEAL = flags.DEFINE_integer("anneal_steps", 0, "Final linear anneal to 0 over this many steps.")
 _MICRO = flags.DEFINE_integer("micro_batches", 1, "Gradient accumulation micro-batches.")
+_PIPELINE_MICRO = flags.DEFINE_integer(
+  "pipeline_micro_batches", 0, "Micro-batches in flight through the pipeline stages (0: stages)."
+)
+_PIPELINE_INTERLEAVE = flags.DEFINE_integer(
+  "pipeline_interleave", 1, "Virtual pipeline stages per device (>1: interleaved schedule)."
+)
 _Z_LOSS = flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out loss every N steps (0: never).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Progress line every N steps.")
@@ -115,6 +122,8 @@ def _run_config(model_cfg) -> RunConfig:
     train=TrainConfig(
       steps=steps,
       micro_batches=_MICRO.value,
+      pipeline_micro_batches=_PIPELINE_MICRO.value,
+      pipeline_interleave=_PIPELINE_INTERLEAVE.value,
       z_loss_weight=_Z_LOSS.value,
       log_every=_LOG_EVERY.value,
       eval_every=_EVAL_EVERY.value,

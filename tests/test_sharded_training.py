@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from packed_rows import packed_batches
 
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig, TrainConfig
@@ -25,33 +26,16 @@ OPT = OptimizerConfig(peak_lr=1e-2, warmup_steps=1, decay_steps=10)
 BATCH, ROW = 8, 33
 
 
-def packed_batches(n: int):
-  """Rows of random tokens holding 2-3 documents each, with a padded tail."""
-  rng = np.random.RandomState(0)
-  batches = []
-  for _ in range(n):
-    segment_ids = np.zeros((BATCH, ROW), np.int32)
-    positions = np.zeros((BATCH, ROW), np.int32)
-    for row in range(BATCH):
-      cuts = sorted(rng.choice(np.arange(4, ROW - 4), 2, replace=False))
-      bounds = [0, *cuts, ROW - rng.randint(0, 3)]
-      for segment, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-        segment_ids[row, start:end] = segment
-        positions[row, start:end] = np.arange(end - start)
-    tokens = rng.randint(0, CFG.vocab_size, (BATCH, ROW)).astype(np.int32)
-    batches.append(
-      dict(tokens=tokens * (segment_ids > 0), positions=positions, segment_ids=segment_ids)
-    )
-  return batches
-
-
 def train(mesh_cfg: MeshConfig, devices):
   """(losses per step, gradients of the first batch, final parameters) on a mesh of `devices`."""
   mesh = make_mesh(mesh_cfg, devices)
   tx = make_optimizer(OPT, TRAIN.steps)
   state, shardings = create_train_state(CFG, tx, mesh, jax.random.key(0))
   data_sharding = batch_sharding(mesh)
-  batches = [jax.tree.map(lambda x: jax.device_put(x, data_sharding), b) for b in packed_batches(3)]
+  batches = [
+    jax.tree.map(lambda x: jax.device_put(x, data_sharding), b)
+    for b in packed_batches(3, BATCH, ROW, CFG.vocab_size)
+  ]
   with mesh_context(mesh):
     grads_fn = jax.jit(functools.partial(loss_sums_and_grads, model_cfg=CFG, train_cfg=TRAIN))
     _, _, grads = grads_fn(state.params, batches[0])

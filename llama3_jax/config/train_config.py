@@ -10,11 +10,16 @@ class TrainConfig(ConfigBase):
   """`steps` is the step to train up to; `micro_batches` splits each global batch for gradient
   accumulation (float32 sums); `z_loss_weight` adds weight * logsumexp(logits)^2 per target;
   after `max_nonfinite_steps` consecutive steps with a NaN/Inf loss or gradient (each skipped)
-  training stops. Held-out loss every `eval_every` steps (0: never) over `eval_batches` batches.
+  training stops. With a `pipeline` mesh axis of S stages, each micro-batch is cut again into
+  `pipeline_micro_batches` (0: S) that flow through the stages, and every rank holds
+  `pipeline_interleave` virtual stages (1: GPipe; more: the interleaved schedule, a smaller bubble).
+  Held-out loss every `eval_every` steps (0: never) over `eval_batches` batches.
   `peak_tflops_per_device` (bf16 dense peak, 0: unknown) turns achieved TFLOP/s into MFU."""
 
   steps: int = 1000
   micro_batches: int = 1
+  pipeline_micro_batches: int = 0
+  pipeline_interleave: int = 1
   z_loss_weight: float = 0.0
   max_nonfinite_steps: int = 10
   log_every: int = 10
@@ -23,10 +28,18 @@ class TrainConfig(ConfigBase):
   peak_tflops_per_device: float = 0.0
 
   def __post_init__(self):
-    for field in ("steps", "micro_batches", "max_nonfinite_steps", "log_every", "eval_batches"):
+    for field in (
+      "steps",
+      "micro_batches",
+      "pipeline_interleave",
+      "max_nonfinite_steps",
+      "log_every",
+      "eval_batches",
+    ):
       if getattr(self, field) < 1:
         raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
-    if self.eval_every < 0 or self.peak_tflops_per_device < 0:
-      raise ValueError("TrainConfig.eval_every and peak_tflops_per_device must be >= 0")
+    for field in ("eval_every", "peak_tflops_per_device", "pipeline_micro_batches"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)}")
     if self.z_loss_weight < 0:
       raise ValueError(f"TrainConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}")

@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
     return (nn.with_logical_constraint(x_BTD, ACT_BTD), cache_kv), None
 
 
-def _scanned_layers(cfg: ModelConfig):
+def _scanned_layers(cfg: ModelConfig, n_layers: int):
+  """The class of `n_layers` DecoderLayers scanned over a leading `layers` parameter axis."""
   layer = DecoderLayer
   if cfg.remat_policy != "none":
     layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -52,9 +53,34 @@ def _scanned_layers(cfg: ModelConfig):
     variable_axes={"params": 0},
     split_rngs={"params": True},
     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-    length=cfg.n_layers,
+    length=n_layers,
     metadata_params={nn.PARTITION_NAME: "layers"},
-  )(cfg, name="layers")
+  )
+
+
+def document_mask(positions_BT, segment_ids_BT):
+  """bool [B, T, T]: causal by position within each packed document (see attention_mask)."""
+  mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
+  return nn.with_logical_constraint(mask_BTS, ("batch", "length", "kv_length"))
+
+
+class DecoderStack(nn.Module):
+  """`n_layers` consecutive decoder layers without a cache: x [B, T, D] -> [B, T, D]; parameters
+  under `layers` with a leading axis of `n_layers` (a slice of a Transformer's `layers`)."""
+
+  cfg: ModelConfig
+  n_layers: int
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    (x_BTD, _), _ = _scanned_layers(self.cfg, self.n_layers)(self.cfg, name="layers")(
+      (x_BTD, None),
+      jnp.arange(self.n_layers),
+      positions_BT,
+      document_mask(positions_BT, segment_ids_BT),
+      None,
+    )
+    return x_BTD
 
 
 class Transformer(nn.Module):
@@ -64,12 +90,42 @@ class Transformer(nn.Module):
   cache); segment_ids [B, T] (default all 1) separate packed documents, 0 marks padding. With
   `cache`, the tokens are written into the cache slots from `cache.index` on, attend to every
   filled slot, and (logits, new cache) is returned. `logits_at` [B] int computes logits only at
-  that index of each row, returned as [B, vocab].
+  that index of each row, returned as [B, vocab]. The methods `embed` and `head` are the two ends
+  on their own (pipeline parallelism runs the layers between them in stages).
   """
 
   cfg: ModelConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    # Rows are gathered before casting: the whole table is cast only when it is also the head.
+    self.embedding = declare(
+      self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, cast=False
+    )
+    self.layers = _scanned_layers(cfg, cfg.n_layers)(cfg)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+  def embed(self, tokens_BT):
+    """tokens [B, T] int -> embeddings [B, T, D] in the compute dtype."""
+    x_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return nn.with_logical_constraint(x_BTD, ACT_BTD)
+
+  def head(self, x_BTD):
+    """Final norm and output projection: [B, T, D] -> logits [B, T, vocab] float32."""
+    x_BTD = self.final_norm(x_BTD)
+    if self.cfg.tie_embeddings:
+      logits_BTV = jnp.einsum(
+        "btd,vd->btv",
+        x_BTD,
+        self.embedding.astype(x_BTD.dtype),
+        preferred_element_type=jnp.float32,
+      )
+    else:
+      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.output, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+
   def __call__(
     self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None, logits_at=None
   ):
@@ -92,8 +148,7 @@ class Transformer(nn.Module):
 
     if cache is None:
       cache_kv, cache_index = None, None
-      mask_BTS = attention_mask(positions, segment_ids, positions, segment_ids)
-      mask_BTS = nn.with_logical_constraint(mask_BTS, ("batch", "length", "kv_length"))
+      mask_BTS = document_mask(positions, segment_ids)
     else:
       cache_index = cache.index
       kv_positions = jax.lax.dynamic_update_slice_in_dim(
@@ -105,27 +160,12 @@ class Transformer(nn.Module):
       cache_kv = (cache.k, cache.v)
       mask_BTS = attention_mask(positions, segment_ids, kv_positions, kv_segment_ids)
 
-    # Gather rows before casting: the whole table is cast only when it is also the output head.
-    embedding = declare(
-      self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, cast=False
-    )
-    x_BTD = jnp.take(embedding, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
-    x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
-    (x_BTD, cache_kv), _ = _scanned_layers(cfg)(
-      (x_BTD, cache_kv), jnp.arange(cfg.n_layers), positions, mask_BTS, cache_index
+    (x_BTD, cache_kv), _ = self.layers(
+      (self.embed(tokens), cache_kv), jnp.arange(cfg.n_layers), positions, mask_BTS, cache_index
     )
     if logits_at is not None:
       x_BTD = x_BTD[jnp.arange(batch), logits_at][:, None]
-    x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
-
-    if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum(
-        "btd,vd->btv", x_BTD, embedding.astype(x_BTD.dtype), preferred_element_type=jnp.float32
-      )
-    else:
-      output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
-      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, output, preferred_element_type=jnp.float32)
-    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+    logits_BTV = self.head(x_BTD)
     if logits_at is not None:
       logits_BTV = logits_BTV[:, 0]
 

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama3_jax.parallel.mesh import axis_degree
+
 
 def context_degree() -> int:
   """The `context` degree of the mesh being traced under (1 outside a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else dict(mesh.shape).get("context", 1)
+  return axis_degree("context")
 
 
 def load_balanced_order(length: int, degree: int) -> np.ndarray:

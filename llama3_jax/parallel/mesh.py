@@ -11,6 +11,12 @@ from jax.sharding import AxisType, Mesh
 from llama3_jax.config.mesh_config import MESH_AXES, MeshConfig
 
 
+def axis_degree(axis: str) -> int:
+  """The degree of mesh axis `axis` in the mesh being traced under (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
+
+
 def device_grid(cfg: MeshConfig, devices: Sequence) -> np.ndarray:
   """Devices arranged as [data, fsdp, pipeline, context, tensor]; with `dcn_data` > 1 the data axis
   spans slices (devices' `slice_index`) and every other axis stays within one slice."""

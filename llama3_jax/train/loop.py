@@ -23,7 +23,7 @@ from llama3_jax.train.checkpointing import RunCheckpointer
 from llama3_jax.train.flops import train_flops_per_token
 from llama3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama3_jax.train.train_state import abstract_train_state, create_train_state
-from llama3_jax.train.train_step import loss_sums_and_grads, make_train_step
+from llama3_jax.train.train_step import loss_sums_and_grads, make_train_step, pipeline_schedule
 
 
 @dataclasses.dataclass
@@ -99,13 +99,24 @@ class _Run:
     self.run, self.tokenizer, self.times = run, tokenizer, TimeBreakdown()
     cfg, train_cfg = run.model, run.train
     self.mesh = make_mesh(run.mesh)
-    rows_per_split = batch_degree(self.mesh) * train_cfg.micro_batches
+    splits = train_cfg.micro_batches
+    if self.mesh.shape["pipeline"] > 1:
+      schedule = pipeline_schedule(train_cfg, self.mesh.shape["pipeline"])
+      schedule.check(cfg.n_layers, schedule.micro_batches)
+      splits *= schedule.micro_batches
+      logging.info(
+        "Pipeline: %d stages x %d virtual, %d micro-batches, bubble fraction %.3f",
+        schedule.stages,
+        schedule.interleave,
+        schedule.micro_batches,
+        schedule.bubble_fraction,
+      )
     for stage in run.data.stages:
       load_balanced_order(stage.seq_len, self.mesh.shape["context"])  # raises if it does not split
-      if stage.global_batch_size % rows_per_split:
+      if stage.global_batch_size % (batch_degree(self.mesh) * splits):
         raise ValueError(
           f"global_batch_size={stage.global_batch_size} (the stage from token "
-          f"{stage.start_tokens}) does not divide into {train_cfg.micro_batches} micro-batches over "
+          f"{stage.start_tokens}) does not divide into {splits} (pipeline) micro-batches over "
           f"the {batch_degree(self.mesh)} data x fsdp shards of mesh {dict(self.mesh.shape)}"
         )
     tx = make_optimizer(run.optimizer, train_cfg.steps)

@@ -9,6 +9,7 @@ import optax
 from llama3_jax.config import ModelConfig, TrainConfig
 from llama3_jax.model import Transformer
 from llama3_jax.parallel.context import context_degree, reorder_for_context
+from llama3_jax.parallel.pipeline import PipelineSchedule, pipeline_degree, pipeline_logits
 from llama3_jax.train.loss import cross_entropy_sums, shift_batch
 from llama3_jax.train.train_state import TrainState
 
@@ -24,17 +25,33 @@ def split_micro_batches(tree, n: int):
   return jax.tree.map(split, tree)
 
 
+def pipeline_schedule(train_cfg: TrainConfig, stages: int) -> PipelineSchedule:
+  """The schedule of `train_cfg` over `stages` pipeline ranks (micro-batches default to `stages`)."""
+  return PipelineSchedule(
+    stages, train_cfg.pipeline_micro_batches or stages, train_cfg.pipeline_interleave
+  )
+
+
+def _forward(model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """(params, tokens, positions, segment_ids) -> logits; pipelined under a `pipeline` mesh axis."""
+  stages = pipeline_degree()
+  if stages == 1:
+    model = Transformer(model_cfg)
+    return lambda p, *inputs: model.apply({"params": p}, *inputs)
+  schedule = pipeline_schedule(train_cfg, stages)
+  return lambda p, *inputs: pipeline_logits(p, *inputs, model_cfg, schedule)
+
+
 def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
   """Summed over the batch's valid targets: (cross-entropy, number of targets, gradients of
   cross-entropy + z-loss), accumulated over micro-batches in float32. Under a mesh with context
-  parallelism the sequence is first put in the load-balanced order (parallel/context.py)."""
-  model = Transformer(model_cfg)
+  parallelism the sequence is first put in the load-balanced order (parallel/context.py); with
+  pipeline parallelism the layers run as a pipeline (parallel/pipeline.py)."""
+  forward = _forward(model_cfg, train_cfg)
 
   def objective(p, micro):
     inputs, targets, valid = reorder_for_context(shift_batch(micro), context_degree())
-    logits = model.apply(
-      {"params": p}, inputs["tokens"], inputs["positions"], inputs["segment_ids"]
-    )
+    logits = forward(p, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
     ce_sum, z_sum = cross_entropy_sums(logits, targets, valid)
     return ce_sum + train_cfg.z_loss_weight * z_sum, (ce_sum, jnp.sum(valid))
 
