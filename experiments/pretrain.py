@@ -148,6 +148,8 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # progress is logged by process 0
   tokenizer = l3.Tokenizer.default()
   init_params = None
   if _INIT.value:

@@ -50,7 +50,15 @@ _RESUMABLE_CHANGES = ("name", "dtype", "attention_impl", "remat_policy", "max_se
 
 def check_resumable(stored: Dict, run: RunConfig) -> None:
   """Raises ValueError naming every model field where a checkpoint differs from this run, other
-  than those in `_RESUMABLE_CHANGES`."""
+  than those in `_RESUMABLE_CHANGES`, or when it was saved by another number of processes (each
+  process's data position is its own)."""
+  saved_by = stored.get("process_count", 1)
+  if saved_by != jax.process_count():
+    raise ValueError(
+      f"The checkpoint's data position was saved by {saved_by} processes and this run has "
+      f"{jax.process_count()}: resume with {saved_by} processes (the mesh may differ), or restore "
+      "only its state (RunCheckpointer.restore without a data iterator) into a new run"
+    )
   current = run.model.to_dict()
   differing = sorted(
     (k, v, current.get(k))
@@ -254,7 +262,9 @@ class _Run:
         self.checkpointer.should_save(step) or step == train_cfg.steps or stop.requested
       ):
         t = time.perf_counter()
-        self.checkpointer.save(step, self.state, position, self.run.to_dict())
+        self.checkpointer.save(
+          step, self.state, position, dict(self.run.to_dict(), process_count=jax.process_count())
+        )
         times.checkpointing += time.perf_counter() - t
 
 
