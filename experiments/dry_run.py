@@ -1,18 +1,28 @@
 """Compiles a preset's train step for a layout on N fake devices, allocating nothing, and prints the
-per-device memory, the FLOPs per step and the collectives of the compiled program.
+per-device memory, the FLOPs per step and the collectives of the compiled program, beside the
+closed-form estimate (train/memory_estimate.py). With --estimate_only nothing is compiled: for
+layouts too large for this machine, such as the paper's 405B on 8,192 GPUs:
 
   python experiments/dry_run.py --config llama3.1-8b --devices 8 --mesh fsdp=4,tensor=2 \\
       --global_batch_size 8 --seq_len 2048 --remat full
+  python experiments/dry_run.py --config llama3.1-405b --devices 8192 --estimate_only \\
+      --mesh fsdp=64,pipeline=16,tensor=8 --global_batch_size 2048 --seq_len 8192 \\
+      --pipeline_micro_batches 16 --pipeline_interleave 2 --attention dot_product
 """
+
+import dataclasses
 
 import jax
 from absl import app, flags
 
 import llama3_jax as l3
 from llama3_jax.config import DataConfig, MeshConfig, RunConfig, TrainConfig
+from llama3_jax.config.mesh_config import MESH_AXES
 from llama3_jax.parallel import make_mesh
 from llama3_jax.train.flops import train_flops_per_token
+from llama3_jax.train.memory_estimate import estimated_memory
 from llama3_jax.train.plan import GIB, compiled_plan
+from llama3_jax.train.train_step import pipeline_schedule
 
 _CONFIG = flags.DEFINE_string("config", "llama3.1-8b", "Model preset.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices to compile for.")
@@ -20,40 +30,80 @@ _MESH = flags.DEFINE_string("mesh", "", "Parallelism degrees, e.g. 'fsdp=4,tenso
 _BATCH = flags.DEFINE_integer("global_batch_size", 8, "Rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per row.")
 _MICRO = flags.DEFINE_integer("micro_batches", 1, "Gradient accumulation micro-batches.")
+_PIPELINE_MICRO = flags.DEFINE_integer(
+  "pipeline_micro_batches", 0, "Micro-batches in flight through the pipeline (0: stages)."
+)
+_PIPELINE_INTERLEAVE = flags.DEFINE_integer(
+  "pipeline_interleave", 1, "Virtual pipeline stages per device."
+)
+_ESTIMATE_ONLY = flags.DEFINE_bool(
+  "estimate_only", False, "Print the closed-form estimate only (no compile, any device count)."
+)
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (parameters stay float32).")
 _REMAT = flags.DEFINE_string("remat", "full", "Remat policy: none, full, dots, ...")
+_ATTENTION = flags.DEFINE_enum(
+  "attention", "xla", ["xla", "dot_product"], "Attention implementation (dot_product: fused)."
+)
 
 
 def main(argv):
   del argv
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  if not _ESTIMATE_ONLY.value:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   cfg = l3.get_config(
-    _CONFIG.value, param_dtype="float32", dtype=_DTYPE.value, remat_policy=_REMAT.value
+    _CONFIG.value,
+    param_dtype="float32",
+    dtype=_DTYPE.value,
+    remat_policy=_REMAT.value,
+    attention_impl=_ATTENTION.value,
   )
   run = RunConfig(
     model=cfg,
-    mesh=MeshConfig.parse(_MESH.value),
+    mesh=MeshConfig.parse(_MESH.value).resolved(_DEVICES.value),
     data=DataConfig(seq_len=_SEQ_LEN.value, global_batch_size=_BATCH.value),
-    train=TrainConfig(micro_batches=_MICRO.value),
+    train=TrainConfig(
+      micro_batches=_MICRO.value,
+      pipeline_micro_batches=_PIPELINE_MICRO.value,
+      pipeline_interleave=_PIPELINE_INTERLEAVE.value,
+    ),
   )
-  mesh = make_mesh(run.mesh)
-  memory, collectives = compiled_plan(run, mesh)
-  model_flops = train_flops_per_token(cfg, _SEQ_LEN.value) * _BATCH.value * _SEQ_LEN.value
+  degrees = dict(zip(MESH_AXES, run.mesh.degrees()))
   print(
-    f"{cfg.name} ({l3.count_params(cfg):,} parameters), mesh {dict(mesh.shape)}, batch "
+    f"{cfg.name} ({l3.count_params(cfg):,} parameters), mesh {degrees}, batch "
     f"{_BATCH.value} x {_SEQ_LEN.value}, {_MICRO.value} micro-batches, {_DTYPE.value} compute, "
     f"remat {_REMAT.value}"
   )
-  print(f"per-device memory: {memory.summary()}")
+  if run.mesh.pipeline > 1:
+    schedule = pipeline_schedule(run.train, run.mesh.pipeline)
+    print(
+      f"pipeline: {schedule.stages} stages x {schedule.interleave} virtual, "
+      f"{schedule.micro_batches} micro-batches, bubble fraction {schedule.bubble_fraction:.3f}"
+    )
+    try:
+      schedule.check(cfg.n_layers, _BATCH.value // _MICRO.value)
+    except ValueError as e:
+      if not _ESTIMATE_ONLY.value:
+        raise
+      print(f"  NOTE: {e}; the pipeline needs equal stages, the estimate rounds layers up")
+  model_flops = train_flops_per_token(cfg, _SEQ_LEN.value) * _BATCH.value * _SEQ_LEN.value
+  print(
+    f"model FLOPs per step: {model_flops / 1e12:.2f} TFLOP, "
+    f"{model_flops / _DEVICES.value / 1e12:.2f} TFLOP per device"
+  )
+  estimate = estimated_memory(run, run.mesh, _DEVICES.value)
+  print(f"estimated per-device memory: {estimate.plan().summary()}")
+  terms = dataclasses.asdict(estimate)
+  print("  " + ", ".join(f"{name} {value / GIB:.2f}" for name, value in terms.items()) + " GiB")
+  if _ESTIMATE_ONLY.value:
+    return
+  memory, collectives = compiled_plan(run, make_mesh(run.mesh))
+  print(f"compiled per-device memory: {memory.summary()}")
   print(f"  state (parameters + Adam moments): {memory.state / GIB:.3f} GiB")
   print(
     f"  temporaries (gradients, activations, gathered weights): {memory.temporaries / GIB:.3f} GiB"
   )
-  print(
-    f"model FLOPs per step: {model_flops / 1e12:.2f} TFLOP, "
-    f"{model_flops / mesh.size / 1e12:.2f} TFLOP per device"
-  )
+  print(f"estimate / compiled: {estimate.plan().total / memory.total:.3f} (total per device)")
   print(f"collectives: {collectives}")
 
 

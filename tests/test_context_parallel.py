@@ -1,5 +1,6 @@
-"""Context parallelism: the load-balanced chunk order, equal causal work per rank, and a sharded
-forward pass equal to one device. (Training over context meshes: test_sharded_training.py.)"""
+"""Context parallelism: the load-balanced chunk order, equal causal work per rank, a sharded
+forward pass and a long-prompt prefill equal to one device. (Training over context meshes:
+test_sharded_training.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ import pytest
 
 import llama3_jax as l3
 from llama3_jax.config import DataConfig, MeshConfig, RunConfig, TrainConfig
+from llama3_jax.inference.generate import pad_prompts, prefill
+from llama3_jax.model import KVCache
 from llama3_jax.model.attention import attention_mask
 from llama3_jax.parallel import (
   init_sharded_params,
@@ -79,3 +82,32 @@ def test_training_refuses_a_sequence_length_that_does_not_split():
   )
   with pytest.raises(ValueError, match="divisible by 2 x 4 = 8; got 20"):
     train(run, l3.Tokenizer.default())
+
+
+def test_context_parallel_prefill_equals_one_device():
+  """A long-prompt prefill split over context=4: the same last-token logits and the same cache
+  (its slots in the load-balanced order), and then the same greedy continuation."""
+  rng = np.random.RandomState(1)
+  prompts = [rng.randint(0, CFG.vocab_size, n).tolist() for n in (60, 45)]
+  tokens, lengths = pad_prompts(prompts, 64)
+  params = l3.init_params(CFG, jax.random.key(0))
+  empty = KVCache.empty(CFG, 2, 72)
+  run_prefill = jax.jit(prefill, static_argnums=0)
+  logits, cache = run_prefill(CFG, params, tokens, lengths, empty)
+  greedy = l3.SamplingConfig(temperature=0.0)
+  continuation = l3.generate(CFG, params, prompts, max_new_tokens=8, sampling=greedy)
+
+  mesh = make_mesh(MeshConfig.parse("fsdp=2,context=4"))
+  sharded_params = init_sharded_params(CFG, mesh, jax.random.key(0))
+  with mesh_context(mesh):
+    cp_logits, cp_cache = run_prefill(CFG, sharded_params, tokens, lengths, empty)
+    cp_continuation = l3.generate(CFG, sharded_params, prompts, max_new_tokens=8, sampling=greedy)
+  np.testing.assert_allclose(np.asarray(cp_logits), np.asarray(logits), rtol=0, atol=1e-5)
+  order = load_balanced_order(64, 4)
+  for name in ("k", "v", "positions", "segment_ids"):
+    slots = 2 if name in ("k", "v") else 1  # k, v: [layers, B, S, kv_heads, head_dim]
+    expected = np.take(np.asarray(getattr(cache, name)), order, axis=slots)
+    got = np.take(np.asarray(getattr(cp_cache, name)), np.arange(64), axis=slots)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
+  assert int(cp_cache.index) == 64
+  assert cp_continuation == continuation

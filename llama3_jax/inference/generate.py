@@ -10,6 +10,7 @@ import numpy as np
 from llama3_jax.config import ModelConfig
 from llama3_jax.inference.sampling import SamplingConfig, sample
 from llama3_jax.model import KVCache, Transformer
+from llama3_jax.parallel.context import context_degree, load_balanced_order, reorder_for_context
 
 NOT_GENERATED = -1
 
@@ -45,12 +46,24 @@ def padded_length(longest: int, limit: int) -> int:
 
 
 def prefill(cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache):
-  """Runs right-padded prompts through the model: (logits at each row's last token [B, V], cache)."""
+  """Runs right-padded prompts through the model: (logits at each row's last token [B, V], cache).
+
+  Under a mesh with context parallelism the prompt is split over `context` in the load-balanced
+  order (parallel/context.py): the cache slots then hold the prompt in that order, which attention
+  does not see (it masks by the positions stored with each slot)."""
   batch, length = tokens_BP.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)
+  degree = context_degree()
+  last = lengths_B - 1
+  if degree > 1:
+    order = load_balanced_order(length, degree)
+    tokens_BP, positions, segment_ids = reorder_for_context(
+      (tokens_BP, positions, segment_ids), degree
+    )
+    last = jnp.asarray(np.argsort(order), jnp.int32)[last]  # where each last token went
   return Transformer(cfg).apply(
-    {"params": params}, tokens_BP, positions, segment_ids, cache=cache, logits_at=lengths_B - 1
+    {"params": params}, tokens_BP, positions, segment_ids, cache=cache, logits_at=last
   )
 
 

@@ -112,7 +112,9 @@ def _run_stages(layer_params, x_MBTD, positions_MBT, segment_ids_MBT, cfg, sched
   stack = DecoderStack(cfg, cfg.n_layers // (S * V))
 
   def stage(w_V, repeat, x_BTD, positions_BT, segment_ids_BT):
-    w = jax.tree.map(lambda a: a[repeat], w_V)
+    # With one virtual stage per rank the weights are the same at every iteration; otherwise the
+    # loop keeps each iteration's selection for the backward pass (fsdp-sharded, float32).
+    w = jax.tree.map(lambda a: a[0] if V == 1 else a[repeat], w_V)
     return stack.apply({"params": {"layers": w}}, x_BTD, positions_BT, segment_ids_BT)
 
   run_stages = jax.vmap(stage, spmd_axis_name="pipeline")

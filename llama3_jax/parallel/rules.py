@@ -35,7 +35,8 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, object], ...] = (
 )
 
 
-def _mesh_axes(logical: str):
+def mesh_axes(logical: str) -> Tuple[str, ...]:
+  """The mesh axes that the logical axis `logical` is split over (empty: replicated)."""
   for name, axes in LOGICAL_AXIS_RULES:
     if name == logical:
       return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -51,7 +52,7 @@ def check_divisibility(cfg: ModelConfig, mesh: Mesh) -> None:
   for path, leaf in leaves:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     for size, logical in zip(leaf.value.shape, leaf.names):
-      axes = _mesh_axes(logical)
+      axes = mesh_axes(logical)
       degree = math.prod(mesh.shape[a] for a in axes)
       if size % degree:
         raise ValueError(
@@ -62,4 +63,4 @@ def check_divisibility(cfg: ModelConfig, mesh: Mesh) -> None:
 
 def batch_degree(mesh: Mesh) -> int:
   """How many ways the batch dimension is split."""
-  return math.prod(mesh.shape[a] for a in _mesh_axes("batch"))
+  return math.prod(mesh.shape[a] for a in mesh_axes("batch"))

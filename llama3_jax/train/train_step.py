@@ -87,14 +87,20 @@ def make_train_step(
     loss = ce_sum / denominator
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A conditional rather than a select of new and old values: the update can run in place.
+    params, opt_state = jax.lax.cond(
+      finite, update, lambda *old: old, state.params, state.opt_state
+    )
     new_state = TrainState(
       step=state.step + finite.astype(jnp.int32),
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
+      params=params,
+      opt_state=opt_state,
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
