@@ -1,6 +1,6 @@
 """Run descriptions: frozen dataclasses and named presets."""
 
-from llama3_jax.config.model_config import ModelConfig, RopeScaling, meta_ffn_dim
+from llama3_jax.config.model_config import COMPUTE_FIELDS, ModelConfig, RopeScaling, meta_ffn_dim
 from llama3_jax.config.presets import PRESETS, get_config
 from llama3_jax.config.mesh_config import MESH_AXES, MeshConfig
 from llama3_jax.config.optimizer_config import OptimizerConfig

@@ -6,7 +6,7 @@ from typing import Optional
 
 from llama3_jax.config.base import ConfigBase
 
-SOURCE_KINDS = ("text", "jsonl", "array_record")
+SOURCE_KINDS = ("text", "jsonl", "array_record", "chat")
 MAX_SEED = 2**32 - 1
 
 
@@ -16,7 +16,9 @@ class DataSource:
 
   kind "text": one document per file. "jsonl": one document per line, the string at `field`.
   "array_record": one document per record, a JSON object holding `field`, or plain UTF-8 text
-  when `field` is "". `weight` is the source's share of training tokens relative to the others.
+  when `field` is "". "chat": one dialog per line, {"messages": [...]} (data/chat.py), encoded
+  with the chat format, the loss on the assistant's tokens only (SFT); `field` is unused.
+  `weight` is the source's share of training tokens relative to the others.
   """
 
   path_pattern: str

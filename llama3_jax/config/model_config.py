@@ -8,6 +8,9 @@ from llama3_jax.config.base import ConfigBase
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "dot_product")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Fields that change how a model computes, not what its parameters are: checkpoints that differ
+# only in these hold the same architecture (a run may resume across them; models average).
+COMPUTE_FIELDS = ("name", "dtype", "attention_impl", "remat_policy", "max_seq_len")
 
 
 def meta_ffn_dim(dim: int, ffn_dim_multiplier: Optional[float], multiple_of: int) -> int:

@@ -31,7 +31,7 @@ def is_orbax_checkpoint(path: str) -> bool:
   )
 
 
-def _shapes_by_name(tree) -> Dict[str, Tuple[int, ...]]:
+def shapes_by_name(tree) -> Dict[str, Tuple[int, ...]]:
   """'layers/attention/wq' -> shape, for every leaf of a params-like tree."""
   return {
     "/".join(str(getattr(k, "key", k)) for k in key_path): tuple(leaf.shape)
@@ -41,8 +41,8 @@ def _shapes_by_name(tree) -> Dict[str, Tuple[int, ...]]:
 
 def _check_shapes(cfg: ModelConfig, tree, what: str) -> None:
   """Raises ValueError unless `tree` has exactly the parameters of `cfg`, with their shapes."""
-  expected = _shapes_by_name(nn.unbox(param_shapes(cfg)))
-  found = _shapes_by_name(tree)
+  expected = shapes_by_name(nn.unbox(param_shapes(cfg)))
+  found = shapes_by_name(tree)
   missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
   if missing or extra:
     raise ValueError(

@@ -8,14 +8,16 @@ and no pair crosses a row or a document. Only the last row of finite data is pad
 at 0 in a continued document, hence this small iterator.
 """
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import grain
 import numpy as np
 
 
 class PackIterDataset(grain.IterDataset):
-  """Rows {tokens, segment_ids, positions}: int32 [length] each, from 1-D token arrays.
+  """Rows {tokens, segment_ids, positions}: int32 [length] each, from 1-D token arrays, or from
+  dicts of a `tokens` array and per-token arrays of the same length (e.g. SFT `targets`), which
+  are packed alongside (0 in padding).
 
   segment_ids number the documents of a row 1, 2, ... (0 = padding); positions count tokens from
   the start of each document. Empty arrays are skipped. `start_state` (a PackDatasetIterator state,
@@ -70,30 +72,38 @@ class PackDatasetIterator(grain.DatasetIterator):
         doc = next(self._parent)
       except StopIteration:
         return False
-      if len(doc):
+      doc = doc if isinstance(doc, Mapping) else {"tokens": doc}
+      if len(doc["tokens"]):
         self._doc, self._doc_state, self._offset = doc, state, 0
         return True
 
   def __next__(self) -> dict[str, np.ndarray]:
-    tokens = np.full(self._length, self._pad_id, np.int32)
+    row = None
     segment_ids = np.zeros(self._length, np.int32)
     positions = np.zeros(self._length, np.int32)
     filled = segment = 0
     while filled < self._length and (self._doc is not None or self._next_doc()):
-      take = min(self._length - filled, len(self._doc) - self._offset)
+      if row is None:  # the documents' own fields: tokens, and any per-token mask they carry
+        row = {
+          k: np.full(self._length, self._pad_id if k == "tokens" else 0, np.int32)
+          for k in self._doc
+        }
+      size = len(self._doc["tokens"])
+      take = min(self._length - filled, size - self._offset)
       end = self._offset + take
       segment += 1
-      tokens[filled : filled + take] = self._doc[self._offset : end]
+      for name, values in self._doc.items():
+        row[name][filled : filled + take] = values[self._offset : end]
       segment_ids[filled : filled + take] = segment
       positions[filled : filled + take] = np.arange(self._offset, end)
       filled += take
-      if end == len(self._doc):
+      if end == size:
         self._doc = None
       else:  # the row is full: the next row repeats this row's last token as its first input
         self._offset = end - 1
     if not segment:
       raise StopIteration
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    return {**row, "segment_ids": segment_ids, "positions": positions}
 
   def get_state(self) -> dict[str, Any]:
     if self._doc is None:

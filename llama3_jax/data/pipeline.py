@@ -4,6 +4,7 @@ mixture of sources by token weight -> packed rows -> window shuffle of rows -> p
 Deterministic given the seed, and checkpointable through grain's `get_state()` / `set_state()`."""
 
 import functools
+import json
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -12,10 +13,12 @@ import numpy as np
 from absl import logging
 
 from llama3_jax.config.data_config import DataConfig
+from llama3_jax.data.chat import parse_sft_row, sft_example
 from llama3_jax.data.corpus import embedded_corpus
 from llama3_jax.data.packing import PackIterDataset
 from llama3_jax.data.ramp import RampDatasetIterator
 from llama3_jax.data.sources import DocumentSource, MalformedCounter, open_source
+from llama3_jax.tokenizer.chat_format import ChatFormat
 
 SPLITS = ("train", "eval")
 
@@ -98,9 +101,9 @@ class MixDatasetIterator(grain.DatasetIterator):
       except StopIteration:
         self._exhausted[i] = True
         continue
-      if len(doc):
+      if num_tokens(doc):
         self._malformed_run[i] = 0
-        self._tokens[i] += len(doc)
+        self._tokens[i] += num_tokens(doc)
         return doc
       self._malformed_run[i] += 1
       if self._malformed_run[i] >= 2 * self._epoch_sizes[i]:
@@ -145,6 +148,25 @@ def _tokenize(source: DocumentSource, tokenizer: Any, index: int) -> np.ndarray:
   return np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
 
 
+def _encode_dialog(source: DocumentSource, chat: ChatFormat, index: int) -> dict:
+  """{tokens int32 [n], targets int32 [n]} of dialog `index` (targets: the assistant's tokens);
+  empty for a malformed row."""
+  text = source[int(index)]
+  try:
+    if text is None:
+      raise ValueError("unreadable line")
+    tokens, targets = sft_example(chat, parse_sft_row(json.loads(text)))
+  except ValueError as e:
+    source._malformed(f"{source.name} dialog {int(index)}", str(e))
+    tokens = targets = np.zeros(0, np.int32)
+  return {"tokens": tokens, "targets": targets.astype(np.int32)}
+
+
+def num_tokens(doc) -> int:
+  """Tokens in a document: a token array, or a dict of per-token arrays."""
+  return len(doc["tokens"]) if isinstance(doc, dict) else len(doc)
+
+
 def _documents(
   source: DocumentSource,
   source_index: int,
@@ -167,7 +189,10 @@ def _documents(
     if data_cfg.shuffle:
       ds = ds.shuffle(seed=_seed(data_cfg.seed, 0, source_index))
     ds = ds.repeat(data_cfg.num_epochs)
-  ds = ds.map(functools.partial(_tokenize, source, tokenizer))
+  if data_cfg.sources and data_cfg.sources[source_index].kind == "chat":
+    ds = ds.map(functools.partial(_encode_dialog, source, ChatFormat(tokenizer)))
+  else:
+    ds = ds.map(functools.partial(_tokenize, source, tokenizer))
   read_options = grain.ReadOptions(
     num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size
   )

@@ -146,13 +146,12 @@ def _line_starts(path: str) -> np.ndarray:
 
 
 class JsonLines(DocumentSource):
-  """One document per line: the string at `field` of the line's JSON object; blank lines are malformed."""
+  """One document per line: the string at `field` of the line's JSON object, or the whole line
+  when `field` is ""; blank lines are malformed."""
 
   def __init__(self, paths: Sequence[str], field: str, *, name: Optional[str] = None, **kwargs):
     if not paths:
       raise ValueError(f"JsonLines needs at least one path (source {name!r})")
-    if not field:
-      raise ValueError(f"JsonLines needs a non-empty field name (source {name!r})")
     super().__init__(name or paths[0], **kwargs)
     self.paths = list(paths)
     self.field = field
@@ -207,4 +206,6 @@ def open_source(
     return TextFiles(paths, **kwargs)
   if source.kind == "jsonl":
     return JsonLines(paths, source.field, **kwargs)
+  if source.kind == "chat":
+    return JsonLines(paths, "", **kwargs)  # whole lines: the dialog is parsed when encoded
   return ArrayRecords(paths, source.field, **kwargs)

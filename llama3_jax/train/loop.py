@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from llama3_jax.config import RunConfig
+from llama3_jax.config import COMPUTE_FIELDS, RunConfig
 from llama3_jax.data import MalformedCounter, make_pipeline
 from llama3_jax.parallel import (
   batch_degree,
@@ -44,13 +44,9 @@ class TimeBreakdown:
     return f"{total:.1f}s total: {parts}; goodput {self.steps / max(total, 1e-9):.1%}"
 
 
-# Model fields a run may change when it resumes: they alter how it computes, not what it learned.
-_RESUMABLE_CHANGES = ("name", "dtype", "attention_impl", "remat_policy", "max_seq_len")
-
-
 def check_resumable(stored: Dict, run: RunConfig) -> None:
   """Raises ValueError naming every model field where a checkpoint differs from this run, other
-  than those in `_RESUMABLE_CHANGES`, or when it was saved by another number of processes (each
+  than those in `COMPUTE_FIELDS`, or when it was saved by another number of processes (each
   process's data position is its own)."""
   saved_by = stored.get("process_count", 1)
   if saved_by != jax.process_count():
@@ -63,7 +59,7 @@ def check_resumable(stored: Dict, run: RunConfig) -> None:
   differing = sorted(
     (k, v, current.get(k))
     for k, v in stored["model"].items()
-    if k not in _RESUMABLE_CHANGES and current.get(k) != v
+    if k not in COMPUTE_FIELDS and current.get(k) != v
   )
   if differing:
     details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, a, b in differing)

@@ -8,7 +8,8 @@ def shift_batch(batch):
   """Rows of L = T + 1 tokens -> model inputs [B, T] and (targets, valid) [B, T].
 
   A target is valid only inside the document of its input token: never across a document
-  boundary, never on padding (segment id 0).
+  boundary, never on padding (segment id 0), and, when the batch has `targets` [B, L] (SFT rows),
+  only where that is non-zero.
   """
   segment_ids = batch["segment_ids"]
   inputs = dict(
@@ -17,6 +18,8 @@ def shift_batch(batch):
     segment_ids=segment_ids[:, :-1],
   )
   valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+  if "targets" in batch:  # SFT: only the tokens marked as targets (the assistant's) are learned
+    valid &= batch["targets"][:, 1:] != 0
   return inputs, batch["tokens"][:, 1:], valid
 
 

@@ -1,0 +1,117 @@
+"""Chat dialogs and preference pairs as token ids with the masks post-training needs.
+
+A dialog is encoded exactly as `ChatFormat` does (<|begin_of_text|>, then every message with its
+header and end token). Each token is labelled: assistant content (what the assistant wrote,
+including <|python_tag|> and tool calls), an assistant end token (<|eot_id|> / <|eom_id|>), or
+neither (other roles, and every header: the role text and its special tokens). SFT learns the
+assistant's content and end tokens; DPO scores content only (the paper masks formatting tokens).
+"""
+
+import dataclasses
+import json
+from typing import Any, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from llama3_jax.tokenizer.chat_format import ChatFormat, Message
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedDialog:
+  """tokens: int32 [L]; content / end: bool [L] marking the assistant's content and end tokens."""
+
+  tokens: np.ndarray
+  content: np.ndarray
+  end: np.ndarray
+
+  @property
+  def sft_targets(self) -> np.ndarray:
+    """bool [L]: the tokens SFT learns to predict."""
+    return self.content | self.end
+
+
+def encode_dialog(chat: ChatFormat, messages: Sequence[Message], bos: bool = True) -> EncodedDialog:
+  """The dialog's ids (as `ChatFormat.encode_message` writes each message) and their labels."""
+  tokens: List[int] = [chat.tokenizer.bos_id] if bos else []
+  content: List[bool] = [False] * len(tokens)
+  end: List[bool] = [False] * len(tokens)
+  for message in messages:
+    ids = chat.encode_message(message)
+    header = len(chat.encode_header(message.role))
+    mine = message.role == "assistant"
+    tokens.extend(ids)
+    content.extend([False] * header + [mine] * (len(ids) - header - 1) + [False])
+    end.extend([False] * (len(ids) - 1) + [mine])
+  return EncodedDialog(
+    np.asarray(tokens, np.int32), np.asarray(content, bool), np.asarray(end, bool)
+  )
+
+
+def _messages(value: Any, what: str) -> List[Message]:
+  if not isinstance(value, list) or not value:
+    raise ValueError(f"{what} must be a non-empty list of messages, got {value!r}")
+  return [Message.from_dict(m) for m in value]
+
+
+def _response(value: Any, what: str) -> Message:
+  """A response: an assistant message object, or its text."""
+  if isinstance(value, str):
+    return Message("assistant", value)
+  message = Message.from_dict(value)
+  if message.role != "assistant":
+    raise ValueError(f"{what} must be an assistant message, got role {message.role!r}")
+  return message
+
+
+def parse_sft_row(row: Mapping[str, Any]) -> List[Message]:
+  """{"messages": [...]} -> messages, of which at least one is the assistant's."""
+  if not isinstance(row, Mapping) or "messages" not in row:
+    raise ValueError(f"An SFT row needs a 'messages' list, got {row!r}")
+  messages = _messages(row["messages"], "'messages'")
+  if not any(m.role == "assistant" for m in messages):
+    raise ValueError("An SFT dialog needs at least one assistant message to learn from")
+  return messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+  """A prompt and its responses ranked best first: (edited,) chosen, rejected."""
+
+  prompt: List[Message]
+  ranked: List[Message]
+
+  def pairs(self) -> List[tuple]:
+    """Every (better, worse) index pair the ranking implies: edited > chosen > rejected gives
+    (0, 1), (0, 2), (1, 2)."""
+    n = len(self.ranked)
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def parse_preference_row(row: Mapping[str, Any]) -> Preference:
+  """{"prompt": [messages], "chosen": response, "rejected": response, "edited"?: response}."""
+  if not isinstance(row, Mapping):
+    raise ValueError(f"A preference row must be an object, got {row!r}")
+  unknown = sorted(set(row) - {"prompt", "chosen", "rejected", "edited"})
+  missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+  if unknown or missing:
+    raise ValueError(f"Preference row: missing keys {missing}, unknown keys {unknown}")
+  ranked = [_response(row[k], f"'{k}'") for k in ("edited", "chosen", "rejected") if k in row]
+  return Preference(_messages(row["prompt"], "'prompt'"), ranked)
+
+
+def read_jsonl(path: str, parse) -> Iterator:
+  """`parse(row)` of every non-blank line of a JSONL file; errors name the file and line."""
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        yield parse(json.loads(line))
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}:{number}: {e}") from e
+
+
+def sft_example(chat: ChatFormat, messages: Sequence[Message], max_len: Optional[int] = None):
+  """(tokens int32 [L], targets bool [L]): what SFT packing takes, cut to `max_len` tokens."""
+  dialog = encode_dialog(chat, messages)
+  return dialog.tokens[:max_len], dialog.sft_targets[:max_len]

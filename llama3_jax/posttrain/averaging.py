@@ -1,0 +1,186 @@
+"""Model averaging (Llama 3 paper, Sec. 4): the uniform or weighted mean of the parameters of models
+of one architecture, e.g. RM, SFT or DPO runs on different data or hyperparameters, or the
+checkpoints of pretraining's final annealing phase (Polyak averaging).
+"""
+
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from llama3_jax.config import COMPUTE_FIELDS, ModelConfig
+from llama3_jax.convert import load_checkpoint
+from llama3_jax.convert.orbax_io import shapes_by_name
+
+# Models differing only in these fields (and the stored parameter dtype) average.
+_NON_ARCHITECTURE_FIELDS = frozenset(COMPUTE_FIELDS + ("param_dtype",))
+
+
+def normalized_weights(weights: Optional[Sequence[float]], count: int) -> List[float]:
+  """`count` averaging weights summing to 1: uniform for None, else `weights` divided by their sum.
+
+  Raises ValueError unless `weights` holds `count` finite, non-negative numbers with a positive sum.
+  """
+  if weights is None:
+    return [1.0 / count] * count
+  weights = [float(weight) for weight in weights]
+  if len(weights) != count:
+    raise ValueError(f"Got {len(weights)} weights for {count} models; need one weight per model")
+  if not all(math.isfinite(weight) for weight in weights):
+    raise ValueError(f"Weights must be finite numbers, got {weights}")
+  negative = [weight for weight in weights if weight < 0]
+  if negative:
+    raise ValueError(f"Weights must be non-negative, got negative weights {negative} in {weights}")
+  total = sum(weights)
+  if total <= 0:
+    raise ValueError(f"Weights sum to zero ({weights}); at least one weight must be positive")
+  return [weight / total for weight in weights]
+
+
+def _leaves_by_name(tree) -> Dict[str, object]:
+  """'layers/attention/wq' -> leaf (numpy or jax array), in flattening order."""
+  return dict(zip(shapes_by_name(tree), jax.tree.leaves(tree)))
+
+
+def _accumulation_dtype(dtype) -> np.dtype:
+  """float64 for float64 leaves, float32 for every narrower dtype (bfloat16, float16, float32)."""
+  return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+
+
+class _WeightedSum:
+  """Running sum of weight * params over trees added one at a time.
+
+  Holds one accumulator per leaf (float32, or float64 for float64 leaves), so averaging N models
+  needs the memory of the sum plus the one model being added, not N models.
+  """
+
+  def __init__(self, reference, reference_name: str):
+    """`reference` (a params tree) fixes the parameter names, shapes, output dtypes and structure."""
+    self._reference_name = reference_name
+    self._treedef = jax.tree.structure(reference)
+    leaves = _leaves_by_name(reference)
+    self._dtypes = {name: np.dtype(leaf.dtype) for name, leaf in leaves.items()}
+    self._sums = {
+      name: np.zeros(leaf.shape, _accumulation_dtype(leaf.dtype)) for name, leaf in leaves.items()
+    }
+
+  def _check_matches(self, leaves: Dict[str, object], tree_name: str) -> None:
+    missing = sorted(set(self._sums) - set(leaves))
+    unexpected = sorted(set(leaves) - set(self._sums))
+    if missing or unexpected:
+      raise ValueError(
+        f"{tree_name} does not have the parameters of {self._reference_name}: missing "
+        f"{missing}, unexpected {unexpected}"
+      )
+    for name, total in self._sums.items():
+      shape = tuple(leaves[name].shape)
+      if shape != total.shape:
+        raise ValueError(
+          f"Parameter {name!r} has shape {shape} in {tree_name} but {total.shape} in "
+          f"{self._reference_name}"
+        )
+
+  def add(self, tree, weight: float, tree_name: str) -> None:
+    """Adds `weight` * `tree`; raises ValueError naming the parameters that do not match."""
+    leaves = _leaves_by_name(tree)
+    self._check_matches(leaves, tree_name)
+    for name, total in self._sums.items():
+      total += np.asarray(leaves[name], total.dtype) * total.dtype.type(weight)
+
+  def result(self):
+    """The sum as a tree shaped like the reference, each leaf in the reference leaf's dtype.
+
+    Consumes the accumulators: call once.
+    """
+    names = list(self._sums)
+    leaves = [self._sums.pop(name).astype(self._dtypes[name], copy=False) for name in names]
+    return jax.tree.unflatten(self._treedef, leaves)
+
+
+def average_params(param_trees: Sequence, weights: Optional[Sequence[float]] = None):
+  """Uniform (weights None) or weighted average of N >= 1 params trees of one structure and shapes.
+
+  Args:
+    param_trees: params pytrees of numpy or jax arrays; leaves of equal path have equal shapes.
+    weights: N non-negative numbers with a positive sum, normalised to sum to 1; None is uniform.
+
+  Returns:
+    A tree shaped like the first one, of numpy arrays in the first tree's leaf dtypes, computed
+    with float32 accumulation (float64 for float64 leaves).
+  """
+  trees = list(param_trees)
+  if not trees:
+    raise ValueError("average_params needs at least one params tree, got none")
+  fractions = normalized_weights(weights, len(trees))
+  total = _WeightedSum(trees[0], "params tree 0")
+  for index, (tree, fraction) in enumerate(zip(trees, fractions)):
+    total.add(tree, fraction, f"params tree {index}")
+  return total.result()
+
+
+def _architecture(cfg: ModelConfig) -> Dict:
+  return {
+    field: value for field, value in cfg.to_dict().items() if field not in _NON_ARCHITECTURE_FIELDS
+  }
+
+
+def _check_same_architecture(
+  cfg: ModelConfig, path: str, reference_cfg: ModelConfig, reference_path: str
+) -> None:
+  """Raises ValueError naming every architecture field of `cfg` that differs from the reference."""
+  found, expected = _architecture(cfg), _architecture(reference_cfg)
+  differences = [
+    f"{field} ({found[field]!r} vs {expected[field]!r})"
+    for field in expected
+    if found[field] != expected[field]
+  ]
+  if differences:
+    raise ValueError(
+      f"Checkpoint {path} and the first checkpoint {reference_path} have mismatched "
+      "architectures; differing fields (this vs first): " + ", ".join(differences)
+    )
+
+
+def average_checkpoints(
+  paths: Sequence[str], weights: Optional[Sequence[float]] = None, **overrides
+) -> Tuple[ModelConfig, Dict]:
+  """(config, averaged params) of checkpoints of one architecture, in any format we read.
+
+  Checkpoints are read one at a time with `load_checkpoint(path, param_dtype="float32",
+  **overrides)` and added to a running weighted sum, so memory stays at about two models.
+
+  Args:
+    paths: N >= 1 checkpoint directories (Meta consolidated, Hugging Face or our Orbax format).
+    weights: N non-negative numbers with a positive sum, normalised to sum to 1; None is uniform.
+    **overrides: ModelConfig fields passed to `load_checkpoint` (`param_dtype` included).
+
+  Returns:
+    The first checkpoint's config and the averaged params (numpy arrays, float32 by default).
+
+  Raises:
+    FileNotFoundError: a path does not exist (checked before anything is read).
+    ValueError: bad weights, or checkpoints whose architectures (configs ignoring name, dtypes,
+      attention_impl, remat_policy and max_seq_len) differ.
+  """
+  paths = list(paths)
+  if not paths:
+    raise ValueError("average_checkpoints needs at least one checkpoint path, got none")
+  fractions = normalized_weights(weights, len(paths))
+  for path in paths:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"Checkpoint path {path} does not exist")
+  load_overrides = {"param_dtype": "float32", **overrides}
+  reference_cfg, total = None, None
+  for path, fraction in zip(paths, fractions):
+    cfg, params = load_checkpoint(path, **load_overrides)
+    if total is None:
+      reference_cfg, total = cfg, _WeightedSum(params, f"checkpoint {path}")
+    _check_same_architecture(cfg, path, reference_cfg, paths[0])
+    logging.info("Adding checkpoint %s (%s) with weight %.6g", path, cfg.name, fraction)
+    total.add(params, fraction, f"checkpoint {path}")
+    del params
+  logging.info("Averaged %d checkpoints of %s", len(paths), reference_cfg.name)
+  return reference_cfg, total.result()
