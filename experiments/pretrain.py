@@ -46,6 +46,13 @@ _DATA = flags.DEFINE_multi_string(
   "files (one document each). Absent: the embedded standard-library corpus.",
 )
 _DATA_FIELD = flags.DEFINE_string("data_field", "text", "JSON field holding the text.")
+_DATA_KIND = flags.DEFINE_enum(
+  "data_kind",
+  "auto",
+  ["auto", "text", "jsonl", "array_record", "chat"],
+  'Kind of every --data source; auto: by extension. chat: JSONL dialogs {"messages": [...]}, '
+  "the loss on the assistant's tokens only (SFT).",
+)
 _HELD_OUT = flags.DEFINE_float("held_out_fraction", 0.01, "Documents kept out for eval loss.")
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Save here; resume from here.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps.")
@@ -90,10 +97,15 @@ def _sources():
   sources = []
   for spec in _DATA.value:
     pattern, _, weight = spec.partition("@")
-    kind = _KINDS.get(os.path.splitext(pattern)[1], "text")
+    kind = _DATA_KIND.value
+    if kind == "auto":
+      kind = _KINDS.get(os.path.splitext(pattern)[1], "text")
     sources.append(
       DataSource(
-        pattern, kind, float(weight or 1.0), _DATA_FIELD.value if kind != "text" else "text"
+        pattern,
+        kind,
+        float(weight or 1.0),
+        _DATA_FIELD.value if kind in _KINDS.values() else "text",
       )
     )
   return tuple(sources)
