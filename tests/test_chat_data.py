@@ -14,7 +14,13 @@ from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 import llama3_jax as l3
 from llama3_jax.config import DataConfig, DataSource
 from llama3_jax.data import MalformedCounter, make_pipeline
-from llama3_jax.data.chat import encode_dialog, parse_preference_row, parse_sft_row, read_jsonl
+from llama3_jax.data.chat import (
+  encode_dialog,
+  parse_preference_row,
+  parse_sft_row,
+  ranked_pairs,
+  read_jsonl,
+)
 from llama3_jax.tokenizer import ChatFormat, Message, Tokenizer, ToolCall
 from llama3_jax.train import cross_entropy_sums, shift_batch
 
@@ -76,10 +82,9 @@ def test_rows_parse_with_errors_that_name_the_problem(tmp_path):
     {"prompt": messages[:1], "chosen": "Good", "rejected": "Bad", "edited": "Better"}
   )
   assert [m.content for m in preference.ranked] == ["Better", "Good", "Bad"]
-  assert preference.pairs() == [(0, 1), (0, 2), (1, 2)]
-  assert parse_preference_row({"prompt": messages[:1], "chosen": "a", "rejected": "b"}).pairs() == [
-    (0, 1)
-  ]
+  assert ranked_pairs(len(preference.ranked)) == [(0, 1), (0, 2), (1, 2)]
+  pair = parse_preference_row({"prompt": messages[:1], "chosen": "a", "rejected": "b"})
+  assert ranked_pairs(len(pair.ranked)) == [(0, 1)]
   with pytest.raises(ValueError, match=r"missing keys \['rejected'\]"):
     parse_preference_row({"prompt": messages[:1], "chosen": "a"})
   path = tmp_path / "bad.jsonl"

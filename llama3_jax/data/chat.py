@@ -80,11 +80,11 @@ class Preference:
   prompt: List[Message]
   ranked: List[Message]
 
-  def pairs(self) -> List[tuple]:
-    """Every (better, worse) index pair the ranking implies: edited > chosen > rejected gives
-    (0, 1), (0, 2), (1, 2)."""
-    n = len(self.ranked)
-    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+def ranked_pairs(n_responses: int) -> List[tuple]:
+  """Every (better, worse) index pair a ranking best first implies: edited > chosen > rejected
+  gives (0, 1), (0, 2), (1, 2)."""
+  return [(i, j) for i in range(n_responses) for j in range(i + 1, n_responses)]
 
 
 def parse_preference_row(row: Mapping[str, Any]) -> Preference:

@@ -58,9 +58,16 @@ def _scanned_layers(cfg: ModelConfig, n_layers: int):
   )
 
 
-def document_mask(positions_BT, segment_ids_BT):
-  """bool [B, T, T]: causal by position within each packed document (see attention_mask)."""
+def document_mask(positions_BT, segment_ids_BT, branch_ids_BT=None):
+  """bool [B, T, T]: causal by position within each packed document (see attention_mask).
+
+  `branch_ids` (int, optional) share a document's start between branches: a token of branch b > 0
+  sees branch 0 (the shared part) and its own branch only, as if each branch followed the shared
+  part in a row of its own (positions continue from the shared part in every branch)."""
   mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
+  if branch_ids_BT is not None:
+    kv_branch, q_branch = branch_ids_BT[:, None, :], branch_ids_BT[:, :, None]
+    mask_BTS &= (kv_branch == 0) | (kv_branch == q_branch)
   return nn.with_logical_constraint(mask_BTS, ("batch", "length", "kv_length"))
 
 
@@ -83,6 +90,23 @@ class DecoderStack(nn.Module):
     return x_BTD
 
 
+def _default_inputs(tokens, positions, segment_ids, *more, start=0):
+  """(positions, segment_ids) for [B, T] tokens: checked, or 0..T-1 from `start` and all 1."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+  for name, value in zip(
+    ("positions", "segment_ids", "branch_ids"), (positions, segment_ids, *more)
+  ):
+    if value is not None and value.shape != tokens.shape:
+      raise ValueError(f"{name} has shape {value.shape}; expected the tokens' shape {tokens.shape}")
+  batch, length = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if segment_ids is None:
+    segment_ids = jnp.ones((batch, length), jnp.int32)
+  return positions, segment_ids
+
+
 class Transformer(nn.Module):
   """tokens [B, T] int -> logits [B, T, vocab] float32.
 
@@ -95,6 +119,7 @@ class Transformer(nn.Module):
   """
 
   cfg: ModelConfig
+  lm_head: bool = True  # False: no output projection (a backbone for `features`)
 
   def setup(self):
     cfg = self.cfg
@@ -104,7 +129,7 @@ class Transformer(nn.Module):
     )
     self.layers = _scanned_layers(cfg, cfg.n_layers)(cfg)
     self.final_norm = RMSNorm(cfg)
-    if not cfg.tie_embeddings:
+    if self.lm_head and not cfg.tie_embeddings:
       self.output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
 
   def embed(self, tokens_BT):
@@ -126,25 +151,28 @@ class Transformer(nn.Module):
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.output, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
 
+  def features(self, tokens, positions=None, segment_ids=None, branch_ids=None):
+    """The final-normed hidden states [B, T, D] (what the head projects), no cache; see
+    `document_mask` for `branch_ids`."""
+    positions, segment_ids = _default_inputs(tokens, positions, segment_ids, branch_ids)
+    (x_BTD, _), _ = self.layers(
+      (self.embed(tokens), None),
+      jnp.arange(self.cfg.n_layers),
+      positions,
+      document_mask(positions, segment_ids, branch_ids),
+      None,
+    )
+    return self.final_norm(x_BTD)
+
   def __call__(
     self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None, logits_at=None
   ):
     cfg = self.cfg
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    start = 0 if cache is None else cache.index
+    positions, segment_ids = _default_inputs(tokens, positions, segment_ids, start=start)
     batch, length = tokens.shape
-    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
-      if value is not None and value.shape != tokens.shape:
-        raise ValueError(
-          f"{name} has shape {value.shape}; expected the tokens' shape {tokens.shape}"
-        )
     if cache is not None and length > cache.slots:
       raise ValueError(f"{length} tokens do not fit a KV cache of {cache.slots} slots")
-    if positions is None:
-      start = 0 if cache is None else cache.index
-      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    if segment_ids is None:
-      segment_ids = jnp.ones((batch, length), jnp.int32)
 
     if cache is None:
       cache_kv, cache_index = None, None

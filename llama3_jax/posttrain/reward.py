@@ -1,0 +1,88 @@
+"""The reward model of the Llama 3 paper (Sec. 4.1.2): the language model's backbone with a scalar
+head, trained with the Bradley-Terry loss -log sigmoid(r_better - r_worse) (no margin term) over
+every pair a ranking implies (edited > chosen > rejected). A prompt and its responses share one row:
+each response attends to the prompt and to itself only (branch ids, see `document_mask`) and is
+scored at its last token, exactly as if it were in a row of its own.
+"""
+
+from typing import Dict, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama3_jax.config import ModelConfig
+from llama3_jax.data.chat import ranked_pairs
+from llama3_jax.model import Transformer
+from llama3_jax.model.layers import WEIGHT_INIT
+
+
+class RewardModel(nn.Module):
+  """tokens [B, T] -> rewards [B, T] float32 (read at each response's last token)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    self.backbone = Transformer(self.cfg, lm_head=False)
+    self.score = self.param(
+      "score",
+      nn.with_logical_partitioning(WEIGHT_INIT, ("embed",)),
+      (self.cfg.dim,),
+      jnp.dtype(self.cfg.param_dtype),
+    )
+
+  def __call__(self, tokens, positions=None, segment_ids=None, branch_ids=None):
+    hidden_BTD = self.backbone.features(tokens, positions, segment_ids, branch_ids)
+    return jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), self.score.astype(jnp.float32))
+
+
+def reward_params_from_lm(lm_params: Dict, cfg: ModelConfig, rng: jax.Array) -> Dict:
+  """Reward-model parameters: a language model's backbone (its output head dropped) and a new
+  scalar head."""
+  score = nn.unbox(RewardModel(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]["score"])
+  return {"backbone": {k: v for k, v in lm_params.items() if k != "output"}, "score": score}
+
+
+def pack_responses(prompt: Sequence[int], responses: Sequence[Sequence[int]], length: int):
+  """One row holding the prompt then each response as its own branch.
+
+  Returns int32 [length] `tokens`, `positions` (each response continues from the prompt's end),
+  `segment_ids` (1, 0 = padding), `branch_ids` (0 prompt, k for response k, counted from 1), and
+  `score_at` int32 [len(responses)]: the index of each response's last token.
+  """
+  used = len(prompt) + sum(len(r) for r in responses)
+  if used > length:
+    raise ValueError(f"A prompt and its responses take {used} tokens; the row holds {length}")
+  if not prompt or not all(responses):
+    raise ValueError("The prompt and every response need at least one token")
+  row = {
+    k: np.zeros(length, np.int32) for k in ("tokens", "positions", "segment_ids", "branch_ids")
+  }
+  row["tokens"][: len(prompt)] = prompt
+  row["positions"][: len(prompt)] = np.arange(len(prompt))
+  start, score_at = len(prompt), []
+  for branch, response in enumerate(responses, start=1):
+    end = start + len(response)
+    row["tokens"][start:end] = response
+    row["positions"][start:end] = len(prompt) + np.arange(len(response))
+    row["branch_ids"][start:end] = branch
+    score_at.append(end - 1)
+    start = end
+  row["segment_ids"][:start] = 1
+  return row, np.asarray(score_at, np.int32)
+
+
+def bradley_terry_loss(rewards_BN, n_responses_B):
+  """(mean of -log sigmoid(r_i - r_j) over every implied pair, pairwise accuracy).
+
+  rewards_BN: float32 [B, N], each row's responses ranked best first; n_responses_B: int [B],
+  how many of the N are real (2 or more)."""
+  n = rewards_BN.shape[1]
+  better, worse = map(np.asarray, zip(*ranked_pairs(n)))
+  valid_BP = worse[None, :] < n_responses_B[:, None]
+  margin_BP = rewards_BN[:, better] - rewards_BN[:, worse]
+  count = jnp.maximum(jnp.sum(valid_BP), 1)
+  loss = -jnp.sum(jnp.where(valid_BP, jax.nn.log_sigmoid(margin_BP), 0.0)) / count
+  accuracy = jnp.sum(valid_BP & (margin_BP > 0)) / count
+  return loss, accuracy
