@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama3_jax.config import ModelConfig
-from llama3_jax.data.chat import ranked_pairs
+from llama3_jax.data.chat import Preference, ranked_pairs
 from llama3_jax.model import Transformer
 from llama3_jax.model.layers import WEIGHT_INIT
+from llama3_jax.tokenizer.chat_format import ChatFormat
 
 
 class RewardModel(nn.Module):
@@ -86,3 +87,36 @@ def bradley_terry_loss(rewards_BN, n_responses_B):
   loss = -jnp.sum(jnp.where(valid_BP, jax.nn.log_sigmoid(margin_BP), 0.0)) / count
   accuracy = jnp.sum(valid_BP & (margin_BP > 0)) / count
   return loss, accuracy
+
+
+def preference_rows(chat: ChatFormat, preferences: Sequence[Preference], length: int) -> Dict:
+  """Rows for the reward model, one per preference: int32 [N, length] `tokens`, `positions`,
+  `segment_ids`, `branch_ids`; `score_at` int32 [N, R] (R = the most responses of a row; missing
+  ones point at 0) and `n_responses` int32 [N]. The prompt ends with the assistant's header; each
+  response is the assistant's content and end token."""
+  header = len(chat.encode_header("assistant"))
+  most = max(len(p.ranked) for p in preferences)
+  rows, score_at = [], np.zeros((len(preferences), most), np.int32)
+  for i, preference in enumerate(preferences):
+    responses = [chat.encode_message(m)[header:] for m in preference.ranked]
+    row, at = pack_responses(chat.encode_dialog_prompt(preference.prompt), responses, length)
+    rows.append(row)
+    score_at[i, : len(at)] = at
+  batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+  batch["score_at"] = score_at
+  batch["n_responses"] = np.array([len(p.ranked) for p in preferences], np.int32)
+  return batch
+
+
+def reward_loss(params: Dict, batch: Dict, cfg: ModelConfig):
+  """(Bradley-Terry loss, {"accuracy"}) of a batch of `preference_rows`."""
+  rewards_BT = RewardModel(cfg).apply(
+    {"params": params},
+    batch["tokens"],
+    batch["positions"],
+    batch["segment_ids"],
+    batch["branch_ids"],
+  )
+  rewards_BN = jnp.take_along_axis(rewards_BT, batch["score_at"], axis=1)
+  loss, accuracy = bradley_terry_loss(rewards_BN, batch["n_responses"])
+  return loss, {"accuracy": accuracy}

@@ -69,6 +69,28 @@ def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: 
   return ce_sum, count, grads
 
 
+def guarded_update(state: TrainState, grads, loss, tx: optax.GradientTransformation):
+  """(new state, gradient norm, finite): the optimizer update of `state` by `grads`, or no change
+  to parameters and optimizer state when the loss or the gradient norm is not finite. A
+  conditional rather than a select of new and old values, so the update can run in place."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params, state.opt_state)
+  new_state = TrainState(
+    step=state.step + finite.astype(jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+    nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+  )
+  return new_state, grad_norm, finite
+
+
 def make_train_step(
   model_cfg: ModelConfig,
   train_cfg: TrainConfig,
@@ -86,24 +108,7 @@ def make_train_step(
     denominator = jnp.maximum(count, 1).astype(jnp.float32)
     loss = ce_sum / denominator
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(params, opt_state):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    # A conditional rather than a select of new and old values: the update can run in place.
-    params, opt_state = jax.lax.cond(
-      finite, update, lambda *old: old, state.params, state.opt_state
-    )
-    new_state = TrainState(
-      step=state.step + finite.astype(jnp.int32),
-      params=params,
-      opt_state=opt_state,
-      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-    )
+    new_state, grad_norm, finite = guarded_update(state, grads, loss, tx)
     metrics = dict(
       loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=count, skipped=~finite
     )
