@@ -26,7 +26,13 @@ from llama3_jax.posttrain.reward import (
   reward_loss,
   reward_params_from_lm,
 )
-from llama3_jax.posttrain.trainer import Trainer
+from llama3_jax.posttrain.trainer import (
+  Trainer,
+  epoch_batches,
+  in_batches,
+  split_rows,
+  with_values,
+)
 from llama3_jax.train import make_optimizer
 
 _CONFIG = flags.DEFINE_string(
@@ -45,29 +51,10 @@ _METRICS_FILE = flags.DEFINE_string("metrics_file", None, "JSON lines of step me
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation, split and order.")
 
 
-def _split(rows, fraction: float, seed: int):
-  """(train rows, held-out rows) by a seeded permutation."""
-  order = np.random.RandomState(seed).permutation(len(rows))
-  held = max(1, int(len(rows) * fraction))
-  return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
-
-
 def _held_out_accuracy(trainer: Trainer, rows, size: int) -> float:
   """Mean pairwise accuracy over the held-out rows, in batches of `size` (a remainder is dropped)."""
-  accuracies = [
-    float(trainer.evaluate({k: v[start : start + size] for k, v in rows.items()})[1]["accuracy"])
-    for start in range(0, len(rows["tokens"]) - size + 1, size)
-  ]
+  accuracies = [float(trainer.evaluate(batch)[1]["accuracy"]) for batch in in_batches(rows, size)]
   return float(np.mean(accuracies))
-
-
-def _batches(rows, size: int, seed: int):
-  """Endless batches of `size` rows, reshuffled every epoch."""
-  rng = np.random.RandomState(seed)
-  while True:
-    order = rng.permutation(len(rows["tokens"]))
-    for start in range(0, len(order) - size + 1, size):
-      yield {k: v[order[start : start + size]] for k, v in rows.items()}
 
 
 def main(argv):
@@ -78,7 +65,7 @@ def main(argv):
   else:
     cfg = l3.get_config(_CONFIG.value, param_dtype="float32")
     lm_params = init_params(cfg, jax.random.key(_SEED.value))
-  train_prefs, held_out = _split(
+  train_prefs, held_out = split_rows(
     list(read_jsonl(_DATA.value, parse_preference_row)), _HELD_OUT.value, _SEED.value
   )
   train_rows = preference_rows(chat, train_prefs, _SEQ_LEN.value)
@@ -86,18 +73,14 @@ def main(argv):
   logging.info("%d training and %d held-out preferences", len(train_prefs), len(held_out))
 
   params = reward_params_from_lm(lm_params, cfg, jax.random.key(_SEED.value + 1))
-  boxed = RewardModel(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]
-  boxed = jax.tree.map(
-    lambda box, value: box.replace_boxed(value),
-    boxed,
-    params,
-    is_leaf=lambda x: hasattr(x, "replace_boxed"),
+  boxed = jax.eval_shape(
+    lambda: RewardModel(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]
   )
   optimizer = OptimizerConfig(
     peak_lr=_LR.value, warmup_steps=max(1, _STEPS.value // 10), decay_steps=_STEPS.value + 1
   )
   trainer = Trainer(
-    boxed,
+    with_values(boxed, params),
     functools.partial(reward_loss, cfg=cfg),
     make_optimizer(optimizer, _STEPS.value),
     make_mesh(MeshConfig.parse(_MESH.value)),
@@ -107,7 +90,7 @@ def main(argv):
   logging.info("step 0 | held-out accuracy %.3f", before)
   started = time.perf_counter()
   for step, batch in zip(
-    range(1, _STEPS.value + 1), _batches(train_rows, _BATCH.value, _SEED.value)
+    range(1, _STEPS.value + 1), epoch_batches(train_rows, _BATCH.value, _SEED.value)
   ):
     record = {"step": step, **{k: float(v) for k, v in trainer.step(batch).items()}}
     if step % _EVAL_EVERY.value == 0 or step == _STEPS.value:

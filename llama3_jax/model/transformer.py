@@ -114,7 +114,7 @@ class Transformer(nn.Module):
   cache); segment_ids [B, T] (default all 1) separate packed documents, 0 marks padding. With
   `cache`, the tokens are written into the cache slots from `cache.index` on, attend to every
   filled slot, and (logits, new cache) is returned. `logits_at` [B] int computes logits only at
-  that index of each row, returned as [B, vocab]. The methods `embed` and `head` are the two ends
+  that index of each row, returned as [B, vocab]. `branch_ids` (no cache): see `document_mask`. The methods `embed` and `head` are the two ends
   on their own (pipeline parallelism runs the layers between them in stages).
   """
 
@@ -165,18 +165,28 @@ class Transformer(nn.Module):
     return self.final_norm(x_BTD)
 
   def __call__(
-    self, tokens, positions=None, segment_ids=None, cache: Optional[KVCache] = None, logits_at=None
+    self,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    cache: Optional[KVCache] = None,
+    logits_at=None,
+    branch_ids=None,
   ):
     cfg = self.cfg
     start = 0 if cache is None else cache.index
-    positions, segment_ids = _default_inputs(tokens, positions, segment_ids, start=start)
+    positions, segment_ids = _default_inputs(
+      tokens, positions, segment_ids, branch_ids, start=start
+    )
     batch, length = tokens.shape
     if cache is not None and length > cache.slots:
       raise ValueError(f"{length} tokens do not fit a KV cache of {cache.slots} slots")
+    if cache is not None and branch_ids is not None:
+      raise ValueError("branch_ids are for scoring without a KV cache")
 
     if cache is None:
       cache_kv, cache_index = None, None
-      mask_BTS = document_mask(positions, segment_ids)
+      mask_BTS = document_mask(positions, segment_ids, branch_ids)
     else:
       cache_index = cache.index
       kv_positions = jax.lax.dynamic_update_slice_in_dim(

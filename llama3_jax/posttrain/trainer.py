@@ -2,11 +2,12 @@
 created in its shards, and a jitted step with the NaN/Inf guard of the pretraining step. Used by
 the reward model and DPO, whose batches and losses differ from next-token prediction."""
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -61,3 +62,37 @@ class Trainer:
     with mesh_context(self.mesh):
       loss, metrics = self._evaluate(self.state.params, self._place(batch))
     return float(loss), jax.device_get(metrics)
+
+
+def split_rows(rows: Sequence, held_out_fraction: float, seed: int) -> Tuple[List, List]:
+  """(training rows, held-out rows; at least one) by a seeded permutation."""
+  order = np.random.RandomState(seed).permutation(len(rows))
+  held = max(1, int(len(rows) * held_out_fraction))
+  return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
+
+
+def epoch_batches(arrays: Dict[str, np.ndarray], size: int, seed: int) -> Iterator[Dict]:
+  """Endless batches of `size` rows of [N, ...] arrays, reshuffled every epoch (a remainder is
+  dropped)."""
+  rng = np.random.RandomState(seed)
+  while True:
+    order = rng.permutation(len(next(iter(arrays.values()))))
+    for start in range(0, len(order) - size + 1, size):
+      yield {k: v[order[start : start + size]] for k, v in arrays.items()}
+
+
+def in_batches(arrays: Dict[str, np.ndarray], size: int) -> Iterator[Dict]:
+  """The rows of [N, ...] arrays in order, `size` at a time (a remainder is dropped)."""
+  count = len(next(iter(arrays.values())))
+  for start in range(0, count - size + 1, size):
+    yield {k: v[start : start + size] for k, v in arrays.items()}
+
+
+def with_values(boxed: Dict, values: Dict) -> Dict:
+  """`boxed` (logical axes, e.g. from `param_shapes` or a Flax init) holding `values` instead."""
+  return jax.tree.map(
+    lambda box, value: box.replace_boxed(value),
+    boxed,
+    values,
+    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+  )

@@ -1,0 +1,82 @@
+"""DPO's rows: a prompt with its chosen and rejected responses in one row, scored in one forward.
+
+The two responses are branches after the prompt (see `document_mask`): each attends to the prompt
+and itself only, with positions continuing from the prompt. A token is predicted from the logits
+of the token before it in its own sequence, which for the rejected response's first token is the
+prompt's last token (`predicted_from`). The masks hold each response's content only: its header
+belongs to the prompt, and its end token (eot / eom) is masked, as the paper masks formatting
+tokens.
+"""
+
+from typing import Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama3_jax.config import ModelConfig
+from llama3_jax.data.chat import Preference
+from llama3_jax.model import Transformer
+from llama3_jax.posttrain.dpo import DPOConfig, dpo_loss, token_logps
+from llama3_jax.posttrain.reward import pack_responses
+from llama3_jax.tokenizer.chat_format import ChatFormat
+
+
+def dpo_rows(chat: ChatFormat, preferences: Sequence[Preference], length: int) -> Dict:
+  """int32 [N, length] `tokens`, `positions`, `segment_ids`, `branch_ids`, `predicted_from`, and
+  bool `chosen` / `rejected` masks. Chosen is the best response (edited if given), rejected the
+  worst."""
+  header = len(chat.encode_header("assistant"))
+  rows = []
+  for preference in preferences:
+    prompt = chat.encode_dialog_prompt(preference.prompt)
+    chosen, rejected = (
+      chat.encode_message(m)[header:] for m in (preference.ranked[0], preference.ranked[-1])
+    )
+    row, _ = pack_responses(prompt, [chosen, rejected], length)
+    predicted_from = np.maximum(np.arange(length) - 1, 0)
+    second = len(prompt) + len(chosen)
+    predicted_from[second] = len(prompt) - 1
+    for name, start, size in (
+      ("chosen", len(prompt), len(chosen)),
+      ("rejected", second, len(rejected)),
+    ):
+      row[name] = np.zeros(length, bool)
+      row[name][start : start + size - 1] = True  # content, not the end token
+    row["predicted_from"] = predicted_from.astype(np.int32)
+    rows.append(row)
+  return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def response_logps(params: Dict, batch: Dict, cfg: ModelConfig):
+  """(chosen log-prob sums [B], rejected log-prob sums [B], chosen token counts [B]), float32."""
+  logits_BTV = Transformer(cfg).apply(
+    {"params": params},
+    batch["tokens"],
+    batch["positions"],
+    batch["segment_ids"],
+    branch_ids=batch["branch_ids"],
+  )
+  predicting_BTV = jnp.take_along_axis(logits_BTV, batch["predicted_from"][..., None], axis=1)
+  logps_BT = token_logps(predicting_BTV, batch["tokens"])
+  chosen, rejected = batch["chosen"], batch["rejected"]
+  return (
+    jnp.sum(jnp.where(chosen, logps_BT, 0.0), axis=-1),
+    jnp.sum(jnp.where(rejected, logps_BT, 0.0), axis=-1),
+    jnp.sum(chosen, axis=-1).astype(jnp.float32),
+  )
+
+
+def dpo_objective(
+  params: Dict, batch: Dict, cfg: ModelConfig, dpo_cfg: DPOConfig, reference_params=None
+):
+  """(DPO loss, metrics) of a batch of `dpo_rows`: the reference's log-probs from the batch
+  (`ref_chosen`, `ref_rejected`, precomputed) or from `reference_params` (frozen, computed here)."""
+  chosen, rejected, chosen_tokens = response_logps(params, batch, cfg)
+  if reference_params is None:
+    ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
+  else:
+    ref_chosen, ref_rejected, _ = jax.lax.stop_gradient(
+      response_logps(reference_params, batch, cfg)
+    )
+  return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo_cfg, -chosen, chosen_tokens)
