@@ -66,9 +66,8 @@ def test_one_forward_scores_each_response_as_its_own_row_without_formatting_toke
       )
       content = slice(len(prompt) - 1, len(prompt) + len(response) - 2)  # predicting all but eot
       np.testing.assert_allclose(float(packed), float(logps[0, content].sum()), rtol=1e-5)
-    assert (
-      counts[i] == len(response := CHAT.encode_message(preference.ranked[0])[len(header) :]) - 1
-    )
+    chosen_response = CHAT.encode_message(preference.ranked[0])[len(header) :]
+    assert counts[i] == len(chosen_response) - 1  # every token but the end token
 
 
 def test_online_reference_equals_precomputed_and_gets_no_gradient(params):
