@@ -25,6 +25,7 @@ from llama3_jax.posttrain.reward import (
   preference_rows,
   reward_loss,
   reward_params_from_lm,
+  save_reward_model,
 )
 from llama3_jax.posttrain.trainer import (
   Trainer,
@@ -47,6 +48,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Preference rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per row (a prompt and its responses).")
 _LR = flags.DEFINE_float("lr", 1e-5, "Peak learning rate.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out accuracy every N steps.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the trained reward model here.")
 _METRICS_FILE = flags.DEFINE_string("metrics_file", None, "JSON lines of step metrics.")
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation, split and order.")
 
@@ -106,6 +108,9 @@ def main(argv):
       )
     if metrics_out:
       metrics_out.write(json.dumps(record) + "\n")
+  if _OUTPUT.value:
+    save_reward_model(_OUTPUT.value, cfg, trainer.state.params)
+    logging.info("Reward model written to %s", _OUTPUT.value)
   print(
     f"held-out pairwise accuracy {before:.3f} before, {record['eval_accuracy']:.3f} after "
     f"{_STEPS.value} steps ({len(held_out)} preferences)"

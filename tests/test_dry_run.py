@@ -27,7 +27,7 @@ def _dry_run(*flags):
 
 @pytest.mark.parametrize(
   "layout, state_split",
-  [("fsdp=8", 8), ("fsdp=4,tensor=2", 8), ("pipeline=2,fsdp=4", None), ("fsdp=4,context=2", 4)],
+  [("fsdp=8", 8), ("fsdp=4,tensor=2", 8), ("pipeline=2,fsdp=4", None)],
 )
 def test_dry_run_reports_per_device_memory(layout, state_split):
   result = _dry_run(

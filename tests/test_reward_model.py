@@ -113,11 +113,11 @@ def test_reward_binary_learns_a_synthetic_preference_on_a_2x2_mesh(tmp_path):
       "--config=tiny",
       f"--data={tmp_path / 'prefs.jsonl'}",
       "--mesh=fsdp=2,tensor=2",
-      "--steps=20",
+      "--steps=12",
       "--batch_size=8",
       "--seq_len=48",
       "--lr=1e-3",
-      "--eval_every=10",
+      "--eval_every=6",
       f"--metrics_file={metrics}",
     ],
     env={

@@ -79,22 +79,21 @@ def decode_step(cfg: ModelConfig, params: Dict, token_B, position_B, cache: KVCa
   return logits_B1V[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids"))
-def generate_tokens(
+def decode_tokens(
+  cfg: ModelConfig,
   params,
-  tokens_BP,
+  logits_BV,
+  cache: KVCache,
   lengths_B,
   rng,
   *,
-  cfg: ModelConfig,
   max_new_tokens: int,
   sampling: SamplingConfig,
   stop_ids: Tuple[int, ...],
 ):
-  """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED."""
-  batch, length = tokens_BP.shape
-  cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1)
-  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache)
+  """[B, max_new_tokens] int32 new tokens after a prefill that left `logits_BV` (at each row's last
+  prompt token) and `cache`; after a row's stop token (kept) it holds NOT_GENERATED."""
+  batch = logits_BV.shape[0]
   rng, first_rng = jax.random.split(rng)
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
   first_B = sample(logits_BV, first_rng, sampling)
@@ -114,6 +113,35 @@ def generate_tokens(
 
   state = (jnp.int32(0), first_B, jnp.isin(first_B, stop_ids), out_BN, cache, rng)
   return jax.lax.while_loop(keep_going, next_token, state)[3]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids"))
+def generate_tokens(
+  params,
+  tokens_BP,
+  lengths_B,
+  rng,
+  *,
+  cfg: ModelConfig,
+  max_new_tokens: int,
+  sampling: SamplingConfig,
+  stop_ids: Tuple[int, ...],
+):
+  """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED."""
+  batch, length = tokens_BP.shape
+  cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1)
+  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache)
+  return decode_tokens(
+    cfg,
+    params,
+    logits_BV,
+    cache,
+    lengths_B,
+    rng,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    stop_ids=stop_ids,
+  )
 
 
 def generate(

@@ -5,18 +5,26 @@ each response attends to the prompt and to itself only (branch ids, see `documen
 scored at its last token, exactly as if it were in a row of its own.
 """
 
-from typing import Dict, Sequence
+import json
+import os
+from typing import Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.data.chat import Preference, ranked_pairs
 from llama3_jax.model import Transformer
 from llama3_jax.model.layers import WEIGHT_INIT
+from llama3_jax.parallel import logical_shardings
 from llama3_jax.tokenizer.chat_format import ChatFormat
+
+
+REWARD_CONFIG_FILE = "reward_model_config.json"
 
 
 class RewardModel(nn.Module):
@@ -120,3 +128,36 @@ def reward_loss(params: Dict, batch: Dict, cfg: ModelConfig):
   rewards_BN = jnp.take_along_axis(rewards_BT, batch["score_at"], axis=1)
   loss, accuracy = bradley_terry_loss(rewards_BN, batch["n_responses"])
   return loss, {"accuracy": accuracy}
+
+
+def save_reward_model(path: str, cfg: ModelConfig, params: Dict) -> None:
+  """Writes `params/` (Orbax) and then the config, whose presence marks a complete save."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path):
+    raise FileExistsError(f"{path} exists and is not empty; refusing to write a reward model there")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, "params"), params)
+    checkpointer.wait_until_finished()
+  with open(os.path.join(path, REWARD_CONFIG_FILE), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+
+
+def load_reward_model(path: str) -> Tuple[ModelConfig, Dict]:
+  """(config, numpy parameters) written by `save_reward_model`."""
+  config_file = os.path.join(path, REWARD_CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"No {REWARD_CONFIG_FILE} in {path}: not a complete reward model")
+  with open(config_file) as f:
+    cfg = ModelConfig.from_dict(json.load(f))
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(os.path.abspath(os.path.join(path, "params")))
+  return cfg, jax.tree.map(np.asarray, params)
+
+
+def shard_reward_params(params: Dict, cfg: ModelConfig, mesh: Mesh) -> Dict:
+  """Places host reward-model parameters onto `mesh` by their logical axes."""
+  boxed = jax.eval_shape(
+    lambda: RewardModel(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  )
+  shardings = logical_shardings(boxed["params"], mesh)
+  return jax.tree.map(jax.device_put, params, shardings)

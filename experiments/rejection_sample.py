@@ -1,0 +1,103 @@
+"""Rejection sampling (Llama 3 paper Sec. 4.2.2): for every prompt of a JSONL file, K responses
+sampled from the policy (the prompt prefilled once, its KV cache shared by the K samples), scored by
+a reward model (experiments/reward.py --output). Writes one JSONL row per prompt to --output: the
+best response as an SFT dialog {"messages": [..., assistant], "rewards": [...] (best first)}; and
+with --pairs_output a preference row {"prompt", "chosen": best, "rejected": worst} for DPO.
+
+  python experiments/rejection_sample.py --checkpoint /ckpt/sft --reward_model /runs/rm \\
+      --prompts prompts.jsonl --samples 8 --output best.jsonl
+"""
+
+import json
+
+import jax
+from absl import app, flags, logging
+
+import llama3_jax as l3
+from llama3_jax.config import MeshConfig
+from llama3_jax.convert import load_checkpoint
+from llama3_jax.data.chat import read_jsonl
+from llama3_jax.model import init_params
+from llama3_jax.posttrain.rejection import rejection_sample
+from llama3_jax.parallel import make_mesh, mesh_context, shard_params
+from llama3_jax.posttrain.reward import load_reward_model, shard_reward_params
+from llama3_jax.tokenizer.chat_format import Message
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Policy weights (Meta, HF or ours).")
+_CONFIG = flags.DEFINE_string(
+  "config", "tiny", "Preset to initialise randomly without a checkpoint."
+)
+_REWARD_MODEL = flags.DEFINE_string("reward_model", None, "From reward.py --output.", required=True)
+_PROMPTS = flags.DEFINE_string(
+  "prompts", None, 'JSONL of {"prompt": [messages]} (or "messages").', required=True
+)
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL to write.", required=True)
+_SAMPLES = flags.DEFINE_integer("samples", 4, "Responses sampled per prompt (K).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature.")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens per response at most.")
+_PAIRS = flags.DEFINE_string(
+  "pairs_output", None, "Also write best vs worst preference rows (for DPO) here."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_MESH = flags.DEFINE_string("mesh", "", "Parallelism degrees, e.g. 'fsdp=2,tensor=2'.")
+
+
+def _prompt(row):
+  messages = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+  if not isinstance(messages, list) or not messages:
+    raise ValueError('a prompt row needs a non-empty "prompt" (or "messages") list')
+  return [Message.from_dict(m) for m in messages]
+
+
+def _best_dialog(prompt_rows, scored):
+  best = {"role": "assistant", "content": scored[0].text}
+  return {"messages": prompt_rows + [best], "rewards": [s.reward for s in scored]}
+
+
+def _pair(prompt_rows, scored):
+  return {"prompt": prompt_rows, "chosen": scored[0].text, "rejected": scored[-1].text}
+
+
+def main(argv):
+  del argv
+  chat = l3.ChatFormat(l3.Tokenizer.default())
+  if _CHECKPOINT.value:
+    cfg, params = load_checkpoint(_CHECKPOINT.value)
+  else:
+    cfg = l3.get_config(_CONFIG.value)
+    params = init_params(cfg, jax.random.key(_SEED.value))
+  reward_cfg, reward_params = load_reward_model(_REWARD_MODEL.value)
+  mesh = make_mesh(MeshConfig.parse(_MESH.value))
+  params = shard_params(params, cfg, mesh)
+  reward_params = shard_reward_params(reward_params, reward_cfg, mesh)
+  sampling = l3.SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+  rng = jax.random.key(_SEED.value)
+  pairs = open(_PAIRS.value, "w") if _PAIRS.value else None
+  with open(_OUTPUT.value, "w") as out, mesh_context(mesh):
+    for number, prompt in enumerate(read_jsonl(_PROMPTS.value, _prompt), start=1):
+      rng, prompt_rng = jax.random.split(rng)
+      scored = rejection_sample(
+        chat,
+        cfg,
+        params,
+        reward_cfg,
+        reward_params,
+        prompt,
+        samples=_SAMPLES.value,
+        max_new_tokens=_MAX_NEW.value,
+        sampling=sampling,
+        rng=prompt_rng,
+      )
+      as_dicts = [{"role": m.role, "content": m.content} for m in prompt]
+      out.write(json.dumps(_best_dialog(as_dicts, scored)) + "\n")
+      if pairs:
+        pairs.write(json.dumps(_pair(as_dicts, scored)) + "\n")
+      logging.info("prompt %d: rewards %s", number, ", ".join(f"{s.reward:.3f}" for s in scored))
+  if pairs:
+    pairs.close()
+  print(f"wrote {number} rows to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
