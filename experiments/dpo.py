@@ -18,6 +18,7 @@ from absl import app, flags, logging
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig
 from llama3_jax.convert import load_checkpoint
+from llama3_jax.convert.orbax_io import save_orbax
 from llama3_jax.data.chat import parse_preference_row, read_jsonl
 from llama3_jax.model import init_params, param_shapes
 from llama3_jax.parallel import make_mesh, mesh_context
@@ -50,6 +51,7 @@ _REFERENCE = flags.DEFINE_enum(
   "reference", "precomputed", ["precomputed", "online"], "Reference log-probs: once, or per step."
 )
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out metrics every N steps.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the trained policy here (llama3_jax Orbax).")
 _METRICS_FILE = flags.DEFINE_string("metrics_file", None, "JSON lines of step metrics.")
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation, split and order.")
 
@@ -122,6 +124,8 @@ def main(argv):
       )
     if metrics_out:
       metrics_out.write(json.dumps(record) + "\n")
+  if _OUTPUT.value:
+    save_orbax(_OUTPUT.value, cfg, trainer.state.params)
   print(
     f"held-out reward margin {before['reward_margin']:.4f} before, "
     f"{record['eval_reward_margin']:.4f} after; reward accuracy {before['reward_accuracy']:.3f} "

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import llama3_jax as l3
+from llama3_jax.convert import load_checkpoint
 from llama3_jax.data.chat import parse_preference_row
 from llama3_jax.posttrain.dpo import DPOConfig, token_logps
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, response_logps
@@ -116,6 +117,7 @@ def test_dpo_binary_raises_the_held_out_margin_on_a_2x2_mesh(tmp_path):
       "--eval_every=8",
       "--held_out_fraction=0.17",
       f"--metrics_file={metrics}",
+      f"--output={tmp_path / 'policy'}",
     ],
     env={
       **os.environ,
@@ -133,3 +135,5 @@ def test_dpo_binary_raises_the_held_out_margin_on_a_2x2_mesh(tmp_path):
   assert "held-out reward margin 0.0000 before" in done.stdout
   assert final["eval_reward_margin"] > 0.1
   assert final["eval_reward_accuracy"] > 0.9
+  cfg, policy = load_checkpoint(str(tmp_path / "policy"))
+  assert cfg.name == "tiny" and set(policy) == set(l3.param_shapes(cfg))

@@ -36,14 +36,14 @@ def test_sft_lowers_held_out_loss_on_a_2x2_mesh(tmp_path):
       "--config=tiny",
       f"--data={tmp_path / 'chats.jsonl'}",
       "--mesh=fsdp=2,tensor=2",
-      "--steps=20",
+      "--steps=16",
       "--global_batch_size=4",
-      "--seq_len=64",
+      "--seq_len=48",
       "--lr=3e-3",
-      "--eval_every=10",
+      "--eval_every=8",
       "--held_out_fraction=0.1",
       f"--checkpoint_dir={tmp_path / 'run'}",
-      "--save_every=20",
+      "--save_every=16",
       f"--metrics_file={metrics}",
     ],
     env={
@@ -62,5 +62,5 @@ def test_sft_lowers_held_out_loss_on_a_2x2_mesh(tmp_path):
   assert len(evals) == 2
   assert evals[-1] < evals[0] - 1.0, evals
   # Targets are the assistant's tokens only: far fewer than the packed tokens of a step.
-  assert all(0 < r["tokens"] < 4 * 64 / 2 for r in records)
-  assert os.path.isdir(tmp_path / "run" / "20")
+  assert all(0 < r["tokens"] < 4 * 48 / 2 for r in records)
+  assert os.path.isdir(tmp_path / "run" / "16")
