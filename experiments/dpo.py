@@ -17,10 +17,10 @@ from absl import app, flags, logging
 
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig
-from llama3_jax.convert import load_checkpoint
+from llama3_jax.convert import checkpoint_or_preset
 from llama3_jax.convert.orbax_io import save_orbax
 from llama3_jax.data.chat import parse_preference_row, read_jsonl
-from llama3_jax.model import init_params, param_shapes
+from llama3_jax.model import param_shapes
 from llama3_jax.parallel import make_mesh, mesh_context
 from llama3_jax.posttrain.dpo import DPOConfig
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, response_logps
@@ -79,11 +79,7 @@ def _held_out(trainer: Trainer, rows, size: int):
 def main(argv):
   del argv
   chat = l3.ChatFormat(l3.Tokenizer.default())
-  if _INIT.value:
-    cfg, params = load_checkpoint(_INIT.value, param_dtype="float32")
-  else:
-    cfg = l3.get_config(_CONFIG.value, param_dtype="float32")
-    params = init_params(cfg, jax.random.key(_SEED.value))
+  cfg, params = checkpoint_or_preset(_INIT.value, _CONFIG.value, _SEED.value, param_dtype="float32")
   train_prefs, held_out = split_rows(
     list(read_jsonl(_DATA.value, parse_preference_row)), _HELD_OUT.value, _SEED.value
   )

@@ -15,9 +15,8 @@ from absl import app, flags, logging
 
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig
-from llama3_jax.convert import load_checkpoint
+from llama3_jax.convert import checkpoint_or_preset
 from llama3_jax.data.chat import read_jsonl
-from llama3_jax.model import init_params
 from llama3_jax.posttrain.rejection import rejection_sample
 from llama3_jax.parallel import make_mesh, mesh_context, shard_params
 from llama3_jax.posttrain.reward import load_reward_model, shard_reward_params
@@ -62,11 +61,7 @@ def _pair(prompt_rows, scored):
 def main(argv):
   del argv
   chat = l3.ChatFormat(l3.Tokenizer.default())
-  if _CHECKPOINT.value:
-    cfg, params = load_checkpoint(_CHECKPOINT.value)
-  else:
-    cfg = l3.get_config(_CONFIG.value)
-    params = init_params(cfg, jax.random.key(_SEED.value))
+  cfg, params = checkpoint_or_preset(_CHECKPOINT.value, _CONFIG.value, _SEED.value)
   reward_cfg, reward_params = load_reward_model(_REWARD_MODEL.value)
   mesh = make_mesh(MeshConfig.parse(_MESH.value))
   params = shard_params(params, cfg, mesh)

@@ -3,12 +3,14 @@
 import os
 from typing import Dict, Optional, Tuple
 
+import jax
 from absl import logging
 
-from llama3_jax.config import ModelConfig
+from llama3_jax.config import ModelConfig, get_config
 from llama3_jax.convert.hf import is_hf_checkpoint, load_hf
 from llama3_jax.convert.meta import is_meta_checkpoint, load_meta
 from llama3_jax.convert.orbax_io import is_orbax_checkpoint, load_orbax
+from llama3_jax.model import init_params
 
 _MAX_LISTED_FILES = 20
 
@@ -47,3 +49,15 @@ def load_checkpoint(
     )
   logging.info("Reading %s as a %s checkpoint", path, kind)
   return load(path, **overrides)
+
+
+def checkpoint_or_preset(
+  path: Optional[str], preset: str, seed: int, **overrides
+) -> Tuple[ModelConfig, Dict]:
+  """(config, params) of the checkpoint at `path`, or of preset `preset` randomly initialised
+  with `seed` when `path` is None (small experiments without a download)."""
+  if path:
+    return load_checkpoint(path, **overrides)
+  cfg = get_config(preset, **overrides)
+  logging.info("No checkpoint: random weights for preset %s", preset)
+  return cfg, init_params(cfg, jax.random.key(seed))
