@@ -1,25 +1,41 @@
-"""Averages checkpoints of one architecture (Llama 3 paper, Sec. 4) into our Orbax format.
+"""Averages checkpoints of one architecture (Llama 3 paper, Sec. 4) into our Orbax format: models
+from runs on different data or hyperparameters, or the last steps of one training run (Polyak
+averaging of the annealing checkpoints), on the host's default device or in shards on a mesh.
 
 python experiments/average.py --checkpoint /tmp/sft-a --checkpoint /tmp/sft-b --weights 1,3 \
   --output /tmp/sft-average
+python experiments/average.py --run_dir /ckpt/anneal --last_steps 4 --mesh fsdp=8 \
+  --output /tmp/annealed
 """
 
 import os
 
 from absl import app, flags
 
+from llama3_jax.config import MeshConfig
 from llama3_jax.convert import save_orbax
-from llama3_jax.convert.orbax_io import is_orbax_checkpoint
+from llama3_jax.convert.orbax_io import is_orbax_checkpoint, run_steps
+from llama3_jax.parallel import make_mesh
 from llama3_jax.posttrain.averaging import average_checkpoints, normalized_weights
 
 _CHECKPOINT = flags.DEFINE_multi_string(
   "checkpoint",
-  None,
-  "Checkpoint directory to average (ours, Hugging Face or Meta); repeat once per checkpoint.",
-  required=True,
+  [],
+  "Checkpoint directory to average (ours, a training run's step, Hugging Face or Meta); repeat "
+  "once per checkpoint.",
+)
+_RUN_DIR = flags.DEFINE_string(
+  "run_dir", None, "A training run's --checkpoint_dir: average its last --last_steps steps."
+)
+_LAST_STEPS = flags.DEFINE_integer("last_steps", 0, "How many of --run_dir's newest steps.")
+_MESH = flags.DEFINE_string(
+  "mesh", None, "Read and sum the models in shards on this mesh, e.g. 'fsdp=4,tensor=2'."
 )
 _WEIGHTS = flags.DEFINE_list(
-  "weights", None, "Comma-separated non-negative weights, one per --checkpoint; default: uniform."
+  "weights",
+  None,
+  "Comma-separated non-negative weights, one per model in the order --run_dir's steps (oldest "
+  "first), then each --checkpoint; default: uniform.",
 )
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Directory to write the averaged checkpoint to.", required=True
@@ -49,13 +65,32 @@ def _check_output_replaceable(output: str, overwrite: bool) -> None:
       )
 
 
+def _checkpoints():
+  """The step directories of --run_dir's last --last_steps steps (oldest first), then the
+  --checkpoint paths."""
+  paths = []
+  if _RUN_DIR.value:
+    steps = run_steps(_RUN_DIR.value)
+    if not 1 <= _LAST_STEPS.value <= len(steps):
+      raise app.UsageError(
+        f"--last_steps must be between 1 and the {len(steps)} steps saved in --run_dir "
+        f"{_RUN_DIR.value} ({steps}), got {_LAST_STEPS.value}"
+      )
+    paths += [os.path.join(_RUN_DIR.value, str(step)) for step in steps[-_LAST_STEPS.value :]]
+  paths += _CHECKPOINT.value
+  if not paths:
+    raise app.UsageError("Nothing to average: pass --checkpoint (repeated) or --run_dir")
+  return paths
+
+
 def main(argv):
   del argv
   _check_output_replaceable(_OUTPUT.value, _OVERWRITE.value)
-  weights = _weights()
-  cfg, params = average_checkpoints(_CHECKPOINT.value, weights)
+  paths, weights = _checkpoints(), _weights()
+  mesh = None if _MESH.value is None else make_mesh(MeshConfig.parse(_MESH.value))
+  cfg, params = average_checkpoints(paths, weights, mesh=mesh)
   save_orbax(_OUTPUT.value, cfg, params, overwrite=_OVERWRITE.value)
-  for path, fraction in zip(_CHECKPOINT.value, normalized_weights(weights, len(_CHECKPOINT.value))):
+  for path, fraction in zip(paths, normalized_weights(weights, len(paths))):
     print(f"{path}: weight {fraction:.6g}")
   print(f"averaged {cfg.name} checkpoint written to {_OUTPUT.value}")
 

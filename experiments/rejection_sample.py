@@ -18,11 +18,13 @@ from llama3_jax.config import MeshConfig
 from llama3_jax.convert import checkpoint_or_preset
 from llama3_jax.data.chat import read_jsonl
 from llama3_jax.posttrain.rejection import rejection_sample
-from llama3_jax.parallel import make_mesh, mesh_context, shard_params
+from llama3_jax.parallel import make_mesh, mesh_context
 from llama3_jax.posttrain.reward import load_reward_model, shard_reward_params
 from llama3_jax.tokenizer.chat_format import Message
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Policy weights (Meta, HF or ours).")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "Policy weights: ours, a training run's (e.g. SFT) step, HF or Meta."
+)
 _CONFIG = flags.DEFINE_string(
   "config", "tiny", "Preset to initialise randomly without a checkpoint."
 )
@@ -61,10 +63,9 @@ def _pair(prompt_rows, scored):
 def main(argv):
   del argv
   chat = l3.ChatFormat(l3.Tokenizer.default())
-  cfg, params = checkpoint_or_preset(_CHECKPOINT.value, _CONFIG.value, _SEED.value)
-  reward_cfg, reward_params = load_reward_model(_REWARD_MODEL.value)
   mesh = make_mesh(MeshConfig.parse(_MESH.value))
-  params = shard_params(params, cfg, mesh)
+  cfg, params = checkpoint_or_preset(_CHECKPOINT.value, _CONFIG.value, _SEED.value, mesh)
+  reward_cfg, reward_params = load_reward_model(_REWARD_MODEL.value)
   reward_params = shard_reward_params(reward_params, reward_cfg, mesh)
   sampling = l3.SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
   rng = jax.random.key(_SEED.value)

@@ -1,8 +1,5 @@
-"""Model averaging: checkpoint and in-memory averages against numpy references, the binary, errors."""
-
-import os
-import subprocess
-import sys
+"""Model averaging: checkpoint and in-memory averages against numpy references, on a mesh, errors.
+The binary runs in test_posttrain_round.py."""
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +7,10 @@ import numpy as np
 import pytest
 
 import llama3_jax as l3
+from llama3_jax.config import MeshConfig
 from llama3_jax.convert import save_orbax
+from llama3_jax.parallel import make_mesh, param_shardings
 from llama3_jax.posttrain.averaging import average_checkpoints, average_params
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -108,33 +105,6 @@ def test_average_params_names_mismatched_parameters_and_shapes():
     average_params([])
 
 
-def test_binary_writes_the_library_average(checkpoints, tmp_path):
-  _, paths, _ = checkpoints
-  output = str(tmp_path / "averaged")
-  result = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, "experiments", "average.py"),
-      f"--checkpoint={paths[0]}",
-      f"--checkpoint={paths[1]}",
-      "--weights=1,3",
-      f"--output={output}",
-    ],
-    capture_output=True,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"{paths[0]}: weight 0.25" in result.stdout
-  assert f"{paths[1]}: weight 0.75" in result.stdout
-  assert output in result.stdout.splitlines()[-1]
-  expected_cfg, expected = average_checkpoints(paths[:2], weights=(1, 3))
-  loaded_cfg, loaded = l3.load_checkpoint(output)
-  assert loaded_cfg == expected_cfg
-  assert_trees_equal(loaded, expected)
-
-
 def test_mismatched_architectures_name_the_field_and_both_values(checkpoints, tmp_path):
   cfg, paths, _ = checkpoints
   deeper_cfg = l3.get_config("test-3.1", n_layers=cfg.n_layers + 1)
@@ -162,3 +132,13 @@ def test_missing_path_raises_file_not_found(checkpoints, tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=missing):
     average_checkpoints([paths[0], missing])
+
+
+def test_average_on_a_mesh_is_sharded_and_equals_the_host_average(checkpoints):
+  cfg, paths, _ = checkpoints
+  mesh = make_mesh(MeshConfig.parse("fsdp=2,tensor=2"), jax.devices()[:4])
+  _, sharded = average_checkpoints(paths, weights=(1, 2, 3), mesh=mesh)
+  _, host = average_checkpoints(paths, weights=(1, 2, 3))
+  assert_trees_close(sharded, host, atol=0)
+  for leaf, sharding in zip(jax.tree.leaves(sharded), jax.tree.leaves(param_shardings(cfg, mesh))):
+    assert leaf.sharding == sharding

@@ -1,14 +1,17 @@
-"""Run checkpoints: an interrupted save never hides the last good one; only the newest are kept."""
+"""Run checkpoints: an interrupted save never hides the last good one; only the newest are kept;
+their params read back as a model checkpoint, on the host or in shards."""
 
 import os
 import shutil
 
 import jax
 import numpy as np
+import pytest
 
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig
-from llama3_jax.parallel import make_mesh
+from llama3_jax.convert.orbax_io import load_run_checkpoint
+from llama3_jax.parallel import make_mesh, param_shardings
 from llama3_jax.train import (
   RunCheckpointer,
   abstract_train_state,
@@ -53,3 +56,29 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
   checkpointer.wait()
   checkpointer.close()
   assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [3, 4]
+
+
+def test_load_checkpoint_reads_the_params_of_a_run_step_on_the_host_or_in_shards(tmp_path):
+  state, _ = _state()
+  checkpointer = RunCheckpointer(str(tmp_path), save_every=1)
+  for step in (1, 2):
+    checkpointer.save(
+      step,
+      state.replace(params=jax.tree.map(lambda x: x * step, state.params)),
+      None,
+      {"model": CFG.to_dict()},
+    )
+  checkpointer.wait()
+  checkpointer.close()
+  expected = jax.device_get(state.params)
+  mesh = make_mesh(MeshConfig.parse("fsdp=2,tensor=2"), jax.devices()[:4])
+  cfg, newest = l3.load_checkpoint(str(tmp_path))  # the run directory: its newest step
+  _, first = l3.load_checkpoint(str(tmp_path / "1"), mesh=mesh)
+  assert cfg == CFG
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, 2 * y), newest, expected)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), first, expected)
+  for leaf, sharding in zip(jax.tree.leaves(first), jax.tree.leaves(param_shardings(CFG, mesh))):
+    assert leaf.sharding == sharding
+  shutil.rmtree(tmp_path / "2" / "state")
+  with pytest.raises(FileNotFoundError, match="no training-run checkpoint"):
+    load_run_checkpoint(str(tmp_path / "2"))

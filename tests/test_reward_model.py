@@ -1,11 +1,7 @@
 """The reward model: packed multi-response rows score exactly as separate rows; the Bradley-Terry
-loss over every implied pair equals its closed form; initialisation from a language model; the
-binary learns a synthetic preference on a 2 x 2 (fsdp x tensor) mesh."""
+loss over every implied pair equals its closed form; initialisation from a language model. The
+binary runs in test_posttrain_round.py."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +17,6 @@ from llama3_jax.posttrain.reward import (
 )
 
 CFG = l3.get_config("test-3.1")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -86,51 +81,3 @@ def test_bradley_terry_loss_over_every_implied_pair():
   grads = jax.grad(lambda r: bradley_terry_loss(r, jnp.asarray(counts))[0])(jnp.asarray(rewards))
   assert np.isfinite(np.asarray(grads)).all()
   assert not np.asarray(grads)[counts == 2, 2].any()  # a missing edited response gets no gradient
-
-
-def _preferences(path, n: int):
-  """Chosen answers use one set of words, rejected ones another: a learnable preference."""
-  rng = np.random.RandomState(0)
-  good, bad = ["sunny", "warm", "bright", "calm"], ["stormy", "cold", "dark", "windy"]
-  with open(path, "w") as f:
-    for _ in range(n):
-      when = " ".join(rng.choice(["today", "tomorrow", "weekend", "morning"], 2))
-      row = {
-        "prompt": [{"role": "user", "content": f"Weather {when}?"}],
-        "chosen": " ".join(rng.choice(good, rng.randint(2, 6))),
-        "rejected": " ".join(rng.choice(bad, rng.randint(2, 6))),
-      }
-      f.write(json.dumps(row) + "\n")
-
-
-def test_reward_binary_learns_a_synthetic_preference_on_a_2x2_mesh(tmp_path):
-  _preferences(tmp_path / "prefs.jsonl", 200)
-  metrics = tmp_path / "metrics.jsonl"
-  done = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, "experiments", "reward.py"),
-      "--config=tiny",
-      f"--data={tmp_path / 'prefs.jsonl'}",
-      "--mesh=fsdp=2,tensor=2",
-      "--steps=12",
-      "--batch_size=8",
-      "--seq_len=48",
-      "--lr=1e-3",
-      "--eval_every=6",
-      f"--metrics_file={metrics}",
-    ],
-    env={
-      **os.environ,
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    },
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  records = [json.loads(line) for line in metrics.read_text().splitlines()]
-  assert records[-1]["eval_accuracy"] > 0.9
-  assert records[-1]["loss"] < records[0]["loss"]
-  assert "held-out pairwise accuracy" in done.stdout

@@ -3,13 +3,15 @@ of one architecture, e.g. RM, SFT or DPO runs on different data or hyperparamete
 checkpoints of pretraining's final annealing phase (Polyak averaging).
 """
 
+import functools
 import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from absl import logging
+from jax.sharding import Mesh
 
 from llama3_jax.config import COMPUTE_FIELDS, ModelConfig
 from llama3_jax.convert import load_checkpoint
@@ -45,26 +47,32 @@ def _leaves_by_name(tree) -> Dict[str, object]:
   return dict(zip(shapes_by_name(tree), jax.tree.leaves(tree)))
 
 
-def _accumulation_dtype(dtype) -> np.dtype:
-  """float64 for float64 leaves, float32 for every narrower dtype (bfloat16, float16, float32)."""
-  return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_scaled(total, leaf, weight):
+  """total + weight * leaf, in total's dtype and sharding (total's buffer reused)."""
+  return total + weight * leaf.astype(total.dtype)
 
 
 class _WeightedSum:
   """Running sum of weight * params over trees added one at a time.
 
-  Holds one accumulator per leaf (float32, or float64 for float64 leaves), so averaging N models
-  needs the memory of the sum plus the one model being added, not N models.
+  Holds one float32 accumulator per leaf, on the devices and in the sharding of the reference's
+  leaf (the default device for numpy leaves), so averaging N models needs the memory of the sum
+  plus the one model being added, not N models; on a mesh, each device holds its shards only.
   """
 
   def __init__(self, reference, reference_name: str):
-    """`reference` (a params tree) fixes the parameter names, shapes, output dtypes and structure."""
+    """`reference` (a params tree) fixes the parameter names, shapes, output dtypes, shardings and
+    structure."""
     self._reference_name = reference_name
     self._treedef = jax.tree.structure(reference)
     leaves = _leaves_by_name(reference)
-    self._dtypes = {name: np.dtype(leaf.dtype) for name, leaf in leaves.items()}
+    self._dtypes = {name: leaf.dtype for name, leaf in leaves.items()}
     self._sums = {
-      name: np.zeros(leaf.shape, _accumulation_dtype(leaf.dtype)) for name, leaf in leaves.items()
+      name: jnp.zeros(
+        leaf.shape, jnp.float32, device=leaf.sharding if isinstance(leaf, jax.Array) else None
+      )
+      for name, leaf in leaves.items()
     }
 
   def _check_matches(self, leaves: Dict[str, object], tree_name: str) -> None:
@@ -87,16 +95,14 @@ class _WeightedSum:
     """Adds `weight` * `tree`; raises ValueError naming the parameters that do not match."""
     leaves = _leaves_by_name(tree)
     self._check_matches(leaves, tree_name)
-    for name, total in self._sums.items():
-      total += np.asarray(leaves[name], total.dtype) * total.dtype.type(weight)
+    for name in self._sums:
+      self._sums[name] = _add_scaled(self._sums[name], leaves[name], weight)
 
   def result(self):
-    """The sum as a tree shaped like the reference, each leaf in the reference leaf's dtype.
-
-    Consumes the accumulators: call once.
-    """
+    """The sum as a tree shaped like the reference, each leaf a jax array in the reference leaf's
+    dtype and sharding. Consumes the accumulators: call once."""
     names = list(self._sums)
-    leaves = [self._sums.pop(name).astype(self._dtypes[name], copy=False) for name in names]
+    leaves = [self._sums.pop(name).astype(self._dtypes[name]) for name in names]
     return jax.tree.unflatten(self._treedef, leaves)
 
 
@@ -108,8 +114,8 @@ def average_params(param_trees: Sequence, weights: Optional[Sequence[float]] = N
     weights: N non-negative numbers with a positive sum, normalised to sum to 1; None is uniform.
 
   Returns:
-    A tree shaped like the first one, of numpy arrays in the first tree's leaf dtypes, computed
-    with float32 accumulation (float64 for float64 leaves).
+    A tree shaped like the first one, of jax arrays in the first tree's leaf dtypes and
+    shardings, computed with float32 accumulation.
   """
   trees = list(param_trees)
   if not trees:
@@ -145,20 +151,26 @@ def _check_same_architecture(
 
 
 def average_checkpoints(
-  paths: Sequence[str], weights: Optional[Sequence[float]] = None, **overrides
+  paths: Sequence[str],
+  weights: Optional[Sequence[float]] = None,
+  mesh: Optional[Mesh] = None,
+  **overrides,
 ) -> Tuple[ModelConfig, Dict]:
   """(config, averaged params) of checkpoints of one architecture, in any format we read.
 
   Checkpoints are read one at a time with `load_checkpoint(path, param_dtype="float32",
-  **overrides)` and added to a running weighted sum, so memory stays at about two models.
+  **overrides)` and added to a running weighted sum, so memory stays at about two models; with
+  `mesh`, read in shards and summed on the mesh, so each device holds 2/N of a model's shards.
 
   Args:
-    paths: N >= 1 checkpoint directories (Meta consolidated, Hugging Face or our Orbax format).
+    paths: N >= 1 checkpoint directories (ours, a training run's step checkpoints, Hugging Face
+      or Meta consolidated).
     weights: N non-negative numbers with a positive sum, normalised to sum to 1; None is uniform.
+    mesh: place and sum the params in their shards on this mesh; None: the default device.
     **overrides: ModelConfig fields passed to `load_checkpoint` (`param_dtype` included).
 
   Returns:
-    The first checkpoint's config and the averaged params (numpy arrays, float32 by default).
+    The first checkpoint's config and the averaged params (jax arrays, float32 by default).
 
   Raises:
     FileNotFoundError: a path does not exist (checked before anything is read).
@@ -175,7 +187,7 @@ def average_checkpoints(
   load_overrides = {"param_dtype": "float32", **overrides}
   reference_cfg, total = None, None
   for path, fraction in zip(paths, fractions):
-    cfg, params = load_checkpoint(path, **load_overrides)
+    cfg, params = load_checkpoint(path, mesh=mesh, **load_overrides)
     if total is None:
       reference_cfg, total = cfg, _WeightedSum(params, f"checkpoint {path}")
     _check_same_architecture(cfg, path, reference_cfg, paths[0])

@@ -1,17 +1,23 @@
 """Training any parameter pytree with a loss on a mesh: the state (parameters and AdamW moments)
-created in its shards, and a jitted step with the NaN/Inf guard of the pretraining step. Used by
-the reward model and DPO, whose batches and losses differ from next-token prediction."""
+created in its shards, a jitted step with the NaN/Inf guard of the pretraining step, and a loop
+that logs, evaluates, checkpoints and resumes. Used by the reward model and DPO, whose batches
+and losses differ from next-token prediction."""
 
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+import json
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama3_jax.config import ModelConfig
 from llama3_jax.parallel import batch_sharding, logical_shardings, mesh_context
+from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_resumable
 from llama3_jax.train.train_state import TrainState
 from llama3_jax.train.train_step import guarded_update
 
@@ -57,11 +63,98 @@ class Trainer:
       self.state, metrics = self._step(self.state, self._place(batch))
     return jax.device_get(metrics)
 
+  def save(self, checkpointer: RunCheckpointer, cfg: ModelConfig, run_config: Dict) -> None:
+    """Starts saving the state as its step, with `run_config` and the model config."""
+    stored = dict(run_config, model=cfg.to_dict(), process_count=jax.process_count())
+    checkpointer.save(int(self.state.step), self.state, None, stored)
+
+  def restore(
+    self, checkpointer: RunCheckpointer, step: int, cfg: ModelConfig, run_config: Dict
+  ) -> None:
+    """Replaces the state by the one saved as `step` (onto this trainer's shardings), after
+    checking that it was saved for `cfg`'s architecture and with `run_config`'s values."""
+    stored = checkpointer.stored_config(step)
+    check_resumable(stored, cfg)
+    changed = sorted(k for k, v in run_config.items() if stored.get(k) != v)
+    if changed:
+      details = "; ".join(
+        f"{k}: checkpoint {stored.get(k)!r} vs run {run_config[k]!r}" for k in changed
+      )
+      raise ValueError(f"Cannot resume from {checkpointer.directory} step {step}: {details}")
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+    )
+    self.state, _ = checkpointer.restore(step, abstract, None)
+
   def evaluate(self, batch: Dict) -> Tuple[float, Dict]:
     """(loss, metrics) of the current parameters on `batch`, no update."""
     with mesh_context(self.mesh):
       loss, metrics = self._evaluate(self.state.params, self._place(batch))
     return float(loss), jax.device_get(metrics)
+
+
+def mean_metrics(trainer: Trainer, rows: Dict[str, np.ndarray], size: int) -> Dict[str, float]:
+  """Each metric of the loss averaged over the batches of `size` rows of `rows` (a remainder is
+  dropped), with the current parameters."""
+  metrics = [trainer.evaluate(batch)[1] for batch in in_batches(rows, size)]
+  return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+
+def fit(
+  trainer: Trainer,
+  batches: Iterator[Dict],
+  steps: int,
+  evaluate: Callable[[], Dict[str, float]],
+  eval_every: int,
+  describe: Callable[[Dict], str],
+  cfg: ModelConfig,
+  checkpointer: Optional[RunCheckpointer] = None,
+  run_config: Optional[Dict] = None,
+  metrics_file: Optional[str] = None,
+) -> Tuple[Dict, Dict]:
+  """Trains up to `steps`, one batch of `batches` per step; returns the records (step and
+  metrics) of the start, held-out metrics only, and of the last step.
+
+  `evaluate()` gives held-out metrics, recorded as `eval_<name>` every `eval_every` steps and at the
+  end; `describe(record)` is the progress line's middle part. With `checkpointer`, the state is
+  saved with `run_config` and the model config `cfg` every `checkpointer.save_every` steps, at the
+  end and on SIGTERM (training then stops), and a run finding a checkpoint there resumes from its
+  newest step, skipping the batches already trained on; `run_config` holds what must not change
+  for that (the data, batch size, seed: `batches` repeats the interrupted run's order). Step
+  records are appended to `metrics_file` as JSON lines.
+  """
+  step = checkpointer.latest_step() if checkpointer else None
+  if step is None:
+    step = 0
+  else:
+    trainer.restore(checkpointer, step, cfg, run_config or {})
+    for _ in range(step):
+      next(batches)
+    logging.info("Resumed from step %d in %s", step, checkpointer.directory)
+  first = record = {"step": step, **{f"eval_{k}": v for k, v in evaluate().items()}}
+  stop, started = StopRequest(), time.perf_counter()
+  metrics_out = open(metrics_file, "a") if metrics_file else None
+  try:
+    while step < steps and not stop.requested:
+      step += 1
+      record = {"step": step, **{k: float(v) for k, v in trainer.step(next(batches)).items()}}
+      if step % eval_every == 0 or step == steps or stop.requested:
+        record.update({f"eval_{k}": v for k, v in evaluate().items()})
+        logging.info(
+          "step %d/%d | %s | %.1fs", step, steps, describe(record), time.perf_counter() - started
+        )
+      if metrics_out:
+        metrics_out.write(json.dumps(record) + "\n")
+        metrics_out.flush()
+      if checkpointer and (checkpointer.should_save(step) or step == steps or stop.requested):
+        trainer.save(checkpointer, cfg, run_config or {})
+  finally:
+    stop.restore()
+    if metrics_out:
+      metrics_out.close()
+    if checkpointer:
+      checkpointer.wait()
+  return first, record
 
 
 def split_rows(rows: Sequence, held_out_fraction: float, seed: int) -> Tuple[List, List]:

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training run: train state, data-iterator position and the run config.
+"""Orbax checkpoints of a training run (train state, data-iterator position and the run config),
+the checks before resuming one, and SIGTERM turned into a request to save and stop.
 
 Each save goes to a temporary directory that Orbax renames into place only once complete, so an
 interrupted save never replaces the last good checkpoint; the newest complete step is restored.
@@ -6,11 +7,15 @@ interrupted save never replaces the last good checkpoint; the newest complete st
 
 import json
 import os
+import signal
 from typing import Any, Dict, Optional, Tuple
 
 import grain
 import orbax.checkpoint as ocp
+import jax
 from absl import logging
+
+from llama3_jax.config import COMPUTE_FIELDS, ModelConfig
 
 
 class _DataPosition:
@@ -73,3 +78,41 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def check_resumable(stored: Dict, model: ModelConfig) -> None:
+  """Raises ValueError naming every model field where a checkpoint's run config `stored` differs
+  from `model`, other than those in `COMPUTE_FIELDS`, or when it was saved by another number of
+  processes (each process's data position is its own)."""
+  saved_by = stored.get("process_count", 1)
+  if saved_by != jax.process_count():
+    raise ValueError(
+      f"The checkpoint's data position was saved by {saved_by} processes and this run has "
+      f"{jax.process_count()}: resume with {saved_by} processes (the mesh may differ), or restore "
+      "only its state (RunCheckpointer.restore without a data iterator) into a new run"
+    )
+  current = model.to_dict()
+  differing = sorted(
+    (k, v, current.get(k))
+    for k, v in stored["model"].items()
+    if k not in COMPUTE_FIELDS and current.get(k) != v
+  )
+  if differing:
+    details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, a, b in differing)
+    raise ValueError(f"Checkpoint does not match the model config: {details}")
+
+
+class StopRequest:
+  """Turns SIGTERM (preemption) into a request to save and stop at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)

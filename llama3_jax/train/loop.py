@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import signal
 import time
 from typing import Dict, Optional
 
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from llama3_jax.config import COMPUTE_FIELDS, RunConfig
+from llama3_jax.config import RunConfig
 from llama3_jax.data import MalformedCounter, make_pipeline
 from llama3_jax.parallel import (
   batch_degree,
@@ -19,7 +18,7 @@ from llama3_jax.parallel import (
   make_mesh,
   mesh_context,
 )
-from llama3_jax.train.checkpointing import RunCheckpointer
+from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_resumable
 from llama3_jax.train.flops import train_flops_per_token
 from llama3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama3_jax.train.train_state import abstract_train_state, create_train_state
@@ -42,44 +41,6 @@ class TimeBreakdown:
       f"{name} {seconds:.1f}s" for name, seconds in dataclasses.asdict(self).items()
     )
     return f"{total:.1f}s total: {parts}; goodput {self.steps / max(total, 1e-9):.1%}"
-
-
-def check_resumable(stored: Dict, run: RunConfig) -> None:
-  """Raises ValueError naming every model field where a checkpoint differs from this run, other
-  than those in `COMPUTE_FIELDS`, or when it was saved by another number of processes (each
-  process's data position is its own)."""
-  saved_by = stored.get("process_count", 1)
-  if saved_by != jax.process_count():
-    raise ValueError(
-      f"The checkpoint's data position was saved by {saved_by} processes and this run has "
-      f"{jax.process_count()}: resume with {saved_by} processes (the mesh may differ), or restore "
-      "only its state (RunCheckpointer.restore without a data iterator) into a new run"
-    )
-  current = run.model.to_dict()
-  differing = sorted(
-    (k, v, current.get(k))
-    for k, v in stored["model"].items()
-    if k not in COMPUTE_FIELDS and current.get(k) != v
-  )
-  if differing:
-    details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, a, b in differing)
-    raise ValueError(f"Checkpoint does not match the model config: {details}")
-
-
-class _StopRequest:
-  """Turns SIGTERM (preemption) into a request to save and stop at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def _format_eta(seconds: float) -> str:
@@ -147,7 +108,7 @@ class _Run:
         cfg, tx, self.mesh, jax.random.key(run.data.seed), params=init_params
       )
     else:
-      check_resumable(self.checkpointer.stored_config(resume_step), run)
+      check_resumable(self.checkpointer.stored_config(resume_step), run.model)
       abstract = abstract_train_state(cfg, tx, self.mesh)
       self.state, _ = self.checkpointer.restore(resume_step, abstract, self.data)
       shardings = jax.tree.map(lambda x: x.sharding, abstract)
@@ -184,7 +145,7 @@ class _Run:
       ce_total, count_total = ce_total + float(ce_sum), count_total + int(count)
     return ce_total / max(count_total, 1)
 
-  def loop(self, stop: _StopRequest, metrics_out) -> None:
+  def loop(self, stop: StopRequest, metrics_out) -> None:
     """Steps until `train.steps` or a stop request. The next batch is read while the devices run
     the current step; a checkpoint stores the data position after the last batch trained on."""
     train_cfg, times = self.run.train, self.times
@@ -290,7 +251,7 @@ def train(
   `run.checkpoint.directory` if there is one. Returns the final TrainState."""
   started = time.perf_counter()
   job = _Run(run, tokenizer, init_params, metrics_file)
-  stop = _StopRequest()
+  stop = StopRequest()
   metrics_out = open(job.metrics_file, "a") if job.metrics_file else None
   try:
     with mesh_context(job.mesh):

@@ -1,0 +1,84 @@
+"""The post-training loop (`fit`, used by reward.py and dpo.py) on a 2 x 2 (fsdp x tensor) mesh: a
+run stopped by SIGTERM saves its state, and the resumed run ends with exactly the parameters and
+optimizer state of a run that was never interrupted; a resume with other data settings is refused."""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import llama3_jax as l3
+from llama3_jax.config import MeshConfig
+from llama3_jax.parallel import make_mesh
+from llama3_jax.posttrain.trainer import Trainer, epoch_batches, fit, with_values
+from llama3_jax.train import RunCheckpointer
+
+CFG = l3.get_config("test-3.1")
+STEPS = 4
+ORDER = {"data": "tokens", "batch_size": 4, "seed": 0}
+
+
+def _loss(params, batch):
+  """Mean next-token cross-entropy of `batch["tokens"]` [B, T]."""
+  tokens = batch["tokens"]
+  logits = l3.Transformer(CFG).apply({"params": params}, tokens[:, :-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  return ce, {"ce": ce}
+
+
+def _trainer():
+  params = l3.init_params(CFG, jax.random.key(0))
+  mesh = make_mesh(MeshConfig.parse("fsdp=2,tensor=2"), jax.devices()[:4])
+  return Trainer(with_values(l3.param_shapes(CFG), params), _loss, optax.adamw(1e-2), mesh)
+
+
+def _batches(sigterm_after=None):
+  """Batches of 4 rows of 16 random tokens; SIGTERM to this process as the batch after the first
+  `sigterm_after` is drawn (the stop arrives during that step, as a preemption would)."""
+  rows = {"tokens": np.random.RandomState(1).randint(0, CFG.vocab_size, (12, 16))}
+  for drawn, batch in enumerate(epoch_batches(rows, 4, seed=0), start=1):
+    yield batch
+    if drawn == sigterm_after:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit(trainer, batches, checkpointer=None, order=ORDER):
+  evaluate = lambda: {"ce": trainer.evaluate(next(_batches()))[0]}
+  return fit(
+    trainer,
+    batches,
+    STEPS,
+    evaluate,
+    2,
+    lambda r: "",
+    CFG,
+    checkpointer=checkpointer,
+    run_config=order,
+  )
+
+
+def test_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
+  straight = _trainer()
+  _fit(straight, _batches())
+
+  stopped = _trainer()
+  checkpointer = RunCheckpointer(str(tmp_path), save_every=100)
+  _, last = _fit(stopped, _batches(sigterm_after=1), checkpointer)
+  checkpointer.close()
+  assert last["step"] == 2 and "eval_ce" in last
+  assert sorted(os.listdir(tmp_path)) == ["2"]
+
+  resumed = _trainer()
+  checkpointer = RunCheckpointer(str(tmp_path), save_every=100)
+  first, last = _fit(resumed, _batches(), checkpointer)
+  checkpointer.close()
+  assert (first["step"], last["step"]) == (2, STEPS)
+  assert int(resumed.state.step) == STEPS
+  for x, y in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(straight.state)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+  with pytest.raises(ValueError, match="batch_size: checkpoint 4 vs run 8"):
+    _fit(_trainer(), _batches(), RunCheckpointer(str(tmp_path), 100), dict(ORDER, batch_size=8))
