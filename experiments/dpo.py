@@ -19,7 +19,7 @@ import llama3_jax as l3
 from llama3_jax.config import MeshConfig
 from llama3_jax.convert.orbax_io import save_orbax
 from llama3_jax.model import param_shapes
-from llama3_jax.parallel import make_mesh, mesh_context
+from llama3_jax.parallel import make_mesh, mesh_context, shard_params
 from llama3_jax.posttrain.dpo import DPOConfig
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, response_logps
 from llama3_jax.posttrain.trainer import in_batches, mean_metrics, with_values
@@ -56,13 +56,15 @@ def main(argv):
   train_rows = dpo_rows(chat, train_prefs, run.SEQ_LEN.value)
   eval_rows = dpo_rows(chat, held_out, run.SEQ_LEN.value)
   dpo_cfg = DPOConfig(beta=_BETA.value, nll_weight=_NLL.value, label_smoothing=_SMOOTHING.value)
-  loss = functools.partial(dpo_objective, cfg=cfg, dpo_cfg=dpo_cfg)
+  reference = shard_params(params, cfg, mesh)
+  frozen = {}
   if _REFERENCE.value == "online":
-    loss = functools.partial(loss, reference_params=jax.device_put(params))
+    frozen = {"reference_params": reference}
   else:
-    train_rows = _with_reference_logps(train_rows, params, cfg, mesh, size)
-  eval_rows = _with_reference_logps(eval_rows, params, cfg, mesh, size)
-  trainer = run.make_trainer(with_values(param_shapes(cfg), params), loss, mesh)
+    train_rows = _with_reference_logps(train_rows, reference, cfg, mesh, size)
+  eval_rows = _with_reference_logps(eval_rows, reference, cfg, mesh, size)
+  loss = functools.partial(dpo_objective, cfg=cfg, dpo_cfg=dpo_cfg)
+  trainer = run.make_trainer(with_values(param_shapes(cfg), params), loss, mesh, frozen)
   before, after = run.train(
     trainer,
     train_rows,

@@ -47,13 +47,14 @@ def preferences() -> Tuple[List[Preference], List[Preference]]:
   return split_rows(list(read_jsonl(DATA.value, parse_preference_row)), HELD_OUT.value, SEED.value)
 
 
-def make_trainer(boxed: Dict, loss_fn: Callable, mesh=None) -> Trainer:
-  """A Trainer of `boxed` with AdamW (peak --lr, 10% warmup, cosine over --steps) on --mesh."""
+def make_trainer(boxed: Dict, loss_fn: Callable, mesh=None, frozen=None) -> Trainer:
+  """A Trainer of `boxed` (and `frozen` loss inputs) with AdamW (peak --lr, 10% warmup, cosine
+  over --steps) on `mesh` or --mesh."""
   optimizer = OptimizerConfig(
     peak_lr=LR.value, warmup_steps=max(1, STEPS.value // 10), decay_steps=STEPS.value + 1
   )
   mesh = mesh or make_mesh(MeshConfig.parse(MESH.value))
-  return Trainer(boxed, loss_fn, make_optimizer(optimizer, STEPS.value), mesh)
+  return Trainer(boxed, loss_fn, make_optimizer(optimizer, STEPS.value), mesh, frozen)
 
 
 def train(

@@ -21,32 +21,43 @@ from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_r
 from llama3_jax.train.train_state import TrainState
 from llama3_jax.train.train_step import guarded_update
 
-# loss(params, batch) -> (scalar loss, metrics dict of scalars)
+# loss(params, batch, **frozen) -> (scalar loss, metrics dict of scalars)
 LossFn = Callable[[Dict, Dict], Tuple[jnp.ndarray, Dict]]
 
 
 class Trainer:
   """`boxed` are the parameters with their logical axes (`nn.LogicallyPartitioned` leaves, e.g. a
-  Flax `init`'s output) and their values; `step(batch)` trains on a dict of [B, ...] arrays split
-  over the mesh's batch axes and returns the step's metrics."""
+  Flax `init`'s output) and their values (host or device arrays, placed leaf by leaf into their
+  shards); `step(batch)` trains on a dict of [B, ...] arrays split over the mesh's batch axes and
+  returns the step's metrics. `frozen` are keyword arguments of `loss_fn` that are read but not
+  trained (e.g. DPO's reference model, already placed on the mesh), passed to every step as
+  arguments rather than compiled into it."""
 
-  def __init__(self, boxed: Dict, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
-    self.mesh = mesh
+  def __init__(
+    self,
+    boxed: Dict,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    frozen: Optional[Dict] = None,
+  ):
+    self.mesh, self._frozen = mesh, frozen or {}
     abstract = jax.eval_shape(lambda: TrainState.create(boxed, tx))
     self.shardings = logical_shardings(abstract, mesh)
+    params = jax.tree.map(jax.device_put, nn.unbox(boxed), self.shardings.params)
     with mesh_context(mesh):
-      self.state = jax.jit(
-        lambda: TrainState.create(nn.unbox(boxed), tx), out_shardings=self.shardings
-      )()
+      self.state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=self.shardings)(params)
     self._batch_sharding = batch_sharding(mesh)
 
-    def train_step(state: TrainState, batch: Dict):
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    def train_step(state: TrainState, batch: Dict, frozen: Dict):
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, **frozen
+      )
       new_state, grad_norm, finite = guarded_update(state, grads, loss, tx)
       return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite)
 
     self._step = jax.jit(train_step, out_shardings=(self.shardings, None), donate_argnums=0)
-    self._evaluate = jax.jit(lambda params, batch: loss_fn(params, batch))
+    self._evaluate = jax.jit(lambda params, batch, frozen: loss_fn(params, batch, **frozen))
 
   def _place(self, batch: Dict) -> Dict:
     """This process's rows of every [B, ...] array, split over the batch axes."""
@@ -60,7 +71,7 @@ class Trainer:
 
   def step(self, batch: Dict) -> Dict:
     with mesh_context(self.mesh):
-      self.state, metrics = self._step(self.state, self._place(batch))
+      self.state, metrics = self._step(self.state, self._place(batch), self._frozen)
     return jax.device_get(metrics)
 
   def save(self, checkpointer: RunCheckpointer, cfg: ModelConfig, run_config: Dict) -> None:
@@ -89,7 +100,7 @@ class Trainer:
   def evaluate(self, batch: Dict) -> Tuple[float, Dict]:
     """(loss, metrics) of the current parameters on `batch`, no update."""
     with mesh_context(self.mesh):
-      loss, metrics = self._evaluate(self.state.params, self._place(batch))
+      loss, metrics = self._evaluate(self.state.params, self._place(batch), self._frozen)
     return float(loss), jax.device_get(metrics)
 
 
