@@ -2,7 +2,6 @@
 (headers, eot) are masked on real ChatFormat sequences, the on-the-fly reference equals the
 precomputed one. The binary runs in test_posttrain_round.py."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

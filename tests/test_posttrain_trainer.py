@@ -1,6 +1,7 @@
 """The post-training loop (`fit`, used by reward.py and dpo.py) on a 2 x 2 (fsdp x tensor) mesh: a
 run stopped by SIGTERM saves its state, and the resumed run ends with exactly the parameters and
-optimizer state of a run that was never interrupted; a resume with other data settings is refused."""
+optimizer state of a run that was never interrupted; a resume with other data settings is refused;
+NaN steps are skipped without an update, and too many in a row stop training."""
 
 import os
 import signal
@@ -22,10 +23,11 @@ ORDER = {"data": "tokens", "batch_size": 4, "seed": 0}
 
 
 def _loss(params, batch):
-  """Mean next-token cross-entropy of `batch["tokens"]` [B, T]."""
+  """Mean next-token cross-entropy of `batch["tokens"]` [B, T], times `batch["scale"]` [B]."""
   tokens = batch["tokens"]
   logits = l3.Transformer(CFG).apply({"params": params}, tokens[:, :-1])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  ce = ce * batch["scale"].mean()
   return ce, {"ce": ce}
 
 
@@ -35,10 +37,13 @@ def _trainer():
   return Trainer(with_values(l3.param_shapes(CFG), params), _loss, optax.adamw(1e-2), mesh)
 
 
-def _batches(sigterm_after=None):
+def _batches(sigterm_after=None, scale=1.0):
   """Batches of 4 rows of 16 random tokens; SIGTERM to this process as the batch after the first
   `sigterm_after` is drawn (the stop arrives during that step, as a preemption would)."""
-  rows = {"tokens": np.random.RandomState(1).randint(0, CFG.vocab_size, (12, 16))}
+  rows = {
+    "tokens": np.random.RandomState(1).randint(0, CFG.vocab_size, (12, 16)),
+    "scale": np.full(12, scale, np.float32),
+  }
   for drawn, batch in enumerate(epoch_batches(rows, 4, seed=0), start=1):
     yield batch
     if drawn == sigterm_after:
@@ -82,3 +87,11 @@ def test_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
 
   with pytest.raises(ValueError, match="batch_size: checkpoint 4 vs run 8"):
     _fit(_trainer(), _batches(), RunCheckpointer(str(tmp_path), 100), dict(ORDER, batch_size=8))
+
+  # Steps with a NaN loss are skipped without an update; too many in a row stop the run.
+  trained = jax.device_get(resumed.state)
+  with pytest.raises(FloatingPointError, match="2 consecutive steps had a NaN/Inf loss"):
+    fit(resumed, _batches(scale=np.nan), 5, dict, 100, str, CFG, max_nonfinite_steps=2)
+  for x, y in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(trained.params)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  assert (int(resumed.state.step), int(resumed.state.nonfinite_total)) == (STEPS, 2)

@@ -2,7 +2,6 @@
 greedy answer), scored by the reward model exactly as alone, best first. The binary runs in
 test_posttrain_round.py."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,7 +2,6 @@
 loss over every implied pair equals its closed form; initialisation from a language model. The
 binary runs in test_posttrain_round.py."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama3_jax.config import ModelConfig
+from llama3_jax.config import ModelConfig, TrainConfig
 from llama3_jax.parallel import batch_sharding, logical_shardings, mesh_context
 from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_resumable
 from llama3_jax.train.train_state import TrainState
@@ -74,10 +74,13 @@ class Trainer:
       self.state, metrics = self._step(self.state, self._place(batch), self._frozen)
     return jax.device_get(metrics)
 
-  def save(self, checkpointer: RunCheckpointer, cfg: ModelConfig, run_config: Dict) -> None:
-    """Starts saving the state as its step, with `run_config` and the model config."""
+  def save(
+    self, checkpointer: RunCheckpointer, step: int, cfg: ModelConfig, run_config: Dict
+  ) -> None:
+    """Starts saving the state as `step` (batches trained on, skipped ones included), with
+    `run_config` and the model config."""
     stored = dict(run_config, model=cfg.to_dict(), process_count=jax.process_count())
-    checkpointer.save(int(self.state.step), self.state, None, stored)
+    checkpointer.save(step, self.state, None, stored)
 
   def restore(
     self, checkpointer: RunCheckpointer, step: int, cfg: ModelConfig, run_config: Dict
@@ -122,6 +125,7 @@ def fit(
   checkpointer: Optional[RunCheckpointer] = None,
   run_config: Optional[Dict] = None,
   metrics_file: Optional[str] = None,
+  max_nonfinite_steps: int = TrainConfig.max_nonfinite_steps,
 ) -> Tuple[Dict, Dict]:
   """Trains up to `steps`, one batch of `batches` per step; returns the records (step and
   metrics) of the start, held-out metrics only, and of the last step.
@@ -132,7 +136,9 @@ def fit(
   end and on SIGTERM (training then stops), and a run finding a checkpoint there resumes from its
   newest step, skipping the batches already trained on; `run_config` holds what must not change
   for that (the data, batch size, seed: `batches` repeats the interrupted run's order). Step
-  records are appended to `metrics_file` as JSON lines.
+  records are appended to `metrics_file` as JSON lines. A step with a NaN/Inf loss or gradient is
+  skipped (no update) and counted as a step; `max_nonfinite_steps` in a row raise
+  FloatingPointError.
   """
   step = checkpointer.latest_step() if checkpointer else None
   if step is None:
@@ -149,6 +155,13 @@ def fit(
     while step < steps and not stop.requested:
       step += 1
       record = {"step": step, **{k: float(v) for k, v in trainer.step(next(batches)).items()}}
+      if record["skipped"]:
+        logging.warning("Step %d: non-finite loss or gradient, update skipped", step)
+        if int(trainer.state.nonfinite_streak) >= max_nonfinite_steps:
+          raise FloatingPointError(
+            f"{max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient (last loss "
+            f"{record['loss']}); stopping at step {step}"
+          )
       if step % eval_every == 0 or step == steps or stop.requested:
         record.update({f"eval_{k}": v for k, v in evaluate().items()})
         logging.info(
@@ -158,7 +171,7 @@ def fit(
         metrics_out.write(json.dumps(record) + "\n")
         metrics_out.flush()
       if checkpointer and (checkpointer.should_save(step) or step == steps or stop.requested):
-        trainer.save(checkpointer, cfg, run_config or {})
+        trainer.save(checkpointer, step, cfg, run_config or {})
   finally:
     stop.restore()
     if metrics_out:
