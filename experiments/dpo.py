@@ -22,7 +22,7 @@ from llama3_jax.model import param_shapes
 from llama3_jax.parallel import make_mesh, mesh_context, shard_params
 from llama3_jax.posttrain.dpo import DPOConfig
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, response_logps
-from llama3_jax.posttrain.trainer import in_batches, mean_metrics, with_values
+from llama3_jax.posttrain.trainer import in_batches, with_values
 
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO beta.")
 _NLL = flags.DEFINE_float("nll_weight", 0.2, "Weight of the chosen response's per-token NLL.")
@@ -57,18 +57,19 @@ def main(argv):
   eval_rows = dpo_rows(chat, held_out, run.SEQ_LEN.value)
   dpo_cfg = DPOConfig(beta=_BETA.value, nll_weight=_NLL.value, label_smoothing=_SMOOTHING.value)
   reference = shard_params(params, cfg, mesh)
-  frozen = {}
   if _REFERENCE.value == "online":
     frozen = {"reference_params": reference}
   else:
-    train_rows = _with_reference_logps(train_rows, reference, cfg, mesh, size)
-  eval_rows = _with_reference_logps(eval_rows, reference, cfg, mesh, size)
+    frozen = {}
+    train_rows, eval_rows = (
+      _with_reference_logps(rows, reference, cfg, mesh, size) for rows in (train_rows, eval_rows)
+    )
   loss = functools.partial(dpo_objective, cfg=cfg, dpo_cfg=dpo_cfg)
   trainer = run.make_trainer(with_values(param_shapes(cfg), params), loss, mesh, frozen)
   before, after = run.train(
     trainer,
     train_rows,
-    lambda: mean_metrics(trainer, eval_rows, size),
+    eval_rows,
     lambda r: (
       f"loss {r['loss']:.4f} | reward accuracy {r['reward_accuracy']:.3f} | "
       f"held-out margin {r['eval_reward_margin']:.4f}"

@@ -10,7 +10,7 @@ from llama3_jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from llama3_jax.convert import checkpoint_or_preset
 from llama3_jax.data.chat import Preference, parse_preference_row, read_jsonl
 from llama3_jax.parallel import make_mesh
-from llama3_jax.posttrain.trainer import Trainer, epoch_batches, fit, split_rows
+from llama3_jax.posttrain.trainer import Trainer, epoch_batches, fit, mean_metrics, split_rows
 from llama3_jax.train import RunCheckpointer, make_optimizer
 
 CONFIG = flags.DEFINE_string(
@@ -60,12 +60,13 @@ def make_trainer(boxed: Dict, loss_fn: Callable, mesh=None, frozen=None) -> Trai
 def train(
   trainer: Trainer,
   rows: Dict,
-  evaluate: Callable[[], Dict[str, float]],
+  eval_rows: Dict,
   describe: Callable[[Dict], str],
   cfg: ModelConfig,
 ) -> Tuple[Dict, Dict]:
-  """`fit` with the flags: batches of --batch_size rows shuffled by --seed, checkpoints in
-  --checkpoint_dir (resumed when there), metrics to --metrics_file. Returns (start, last) records."""
+  """`fit` with the flags: batches of --batch_size `rows` shuffled by --seed, held-out metrics
+  averaged over `eval_rows`, checkpoints in --checkpoint_dir (resumed when there), metrics to
+  --metrics_file. Returns (start, last) records."""
   checkpointer: Optional[RunCheckpointer] = None
   if CHECKPOINT_DIR.value:
     checkpointer = RunCheckpointer(CHECKPOINT_DIR.value, SAVE_EVERY.value, KEEP.value)
@@ -81,7 +82,7 @@ def train(
       trainer,
       epoch_batches(rows, BATCH.value, SEED.value),
       STEPS.value,
-      evaluate,
+      lambda: mean_metrics(trainer, eval_rows, BATCH.value),
       EVAL_EVERY.value,
       describe,
       cfg,

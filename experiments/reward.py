@@ -21,7 +21,7 @@ from llama3_jax.posttrain.reward import (
   reward_params_from_lm,
   save_reward_model,
 )
-from llama3_jax.posttrain.trainer import mean_metrics, with_values
+from llama3_jax.posttrain.trainer import with_values
 
 
 def main(argv):
@@ -41,7 +41,7 @@ def main(argv):
   before, after = run.train(
     trainer,
     train_rows,
-    lambda: mean_metrics(trainer, eval_rows, run.BATCH.value),
+    eval_rows,
     lambda r: (
       f"loss {r['loss']:.4f} | accuracy {r['accuracy']:.3f} | "
       f"held-out accuracy {r['eval_accuracy']:.3f}"

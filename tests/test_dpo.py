@@ -1,16 +1,23 @@
 """DPO rows: chosen and rejected in one forward pass score as separate rows, formatting tokens
 (headers, eot) are masked on real ChatFormat sequences, the on-the-fly reference equals the
-precomputed one. The binary runs in test_posttrain_round.py."""
+precomputed one, also as a frozen sharded input of the trainer on a 2 x 2 mesh. The binary runs in
+test_posttrain_round.py."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import llama3_jax as l3
+from llama3_jax.config import MeshConfig
 from llama3_jax.data.chat import parse_preference_row
+from llama3_jax.parallel import make_mesh, shard_params
 from llama3_jax.posttrain.dpo import DPOConfig, token_logps
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, response_logps
+from llama3_jax.posttrain.trainer import Trainer, with_values
 
 TOKENIZER = l3.Tokenizer.default()
 CHAT = l3.ChatFormat(TOKENIZER)
@@ -78,3 +85,21 @@ def test_online_reference_equals_precomputed_and_gets_no_gradient(params):
     params
   )
   assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
+
+
+def test_trainer_with_a_frozen_sharded_reference_equals_precomputed_on_one_device(params):
+  rows = dpo_rows(CHAT, PREFERENCES, 64)
+  policy = jax.tree.map(lambda p: p * 1.01, params)
+  ref_chosen, ref_rejected, _ = response_logps(params, _as_jax(rows), CFG)
+  precomputed = dict(_as_jax(rows), ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+  expected, _ = dpo_objective(policy, precomputed, CFG, DPOConfig())
+  mesh = make_mesh(MeshConfig.parse("fsdp=2,tensor=2"), jax.devices()[:4])
+  trainer = Trainer(
+    with_values(l3.param_shapes(CFG), policy),
+    functools.partial(dpo_objective, cfg=CFG, dpo_cfg=DPOConfig()),
+    optax.sgd(0.0),
+    mesh,
+    frozen={"reference_params": shard_params(params, CFG, mesh)},
+  )
+  loss, _ = trainer.evaluate(rows)
+  np.testing.assert_allclose(loss, float(expected), rtol=1e-5)

@@ -142,8 +142,9 @@ def rejection(work, sft, reward_model):
 
 @pytest.fixture(scope="module")
 def dpo(work, sft, rejection):
-  """DPO from the SFT checkpoint on the preferences and the sampled pairs, the frozen reference
-  run in each step (test_dpo.py: equal to the precomputed one): (policy, records, stdout)."""
+  """DPO from the SFT checkpoint on the preferences and the sampled pairs, the reference's
+  log-probs precomputed (test_dpo.py: the online reference equals them): (policy, records,
+  stdout)."""
   data = _write_jsonl(work / "dpo.jsonl", list(_preferences(96)) + rejection[2])
   done = _run(
     "dpo.py",
@@ -156,7 +157,6 @@ def dpo(work, sft, rejection):
     "--lr=1e-4",
     "--eval_every=8",
     "--held_out_fraction=0.17",
-    "--reference=online",
     f"--metrics_file={work / 'dpo.jsonl'}",
     f"--output={work / 'policy'}",
   )

@@ -136,11 +136,10 @@ def _restore_params(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored
       )
     else:
-      shardings = dict(param_shardings(cfg, mesh))
       restore_args = jax.tree.map(
         lambda _, sharding: ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype),
         stored,
-        shardings,
+        param_shardings(cfg, mesh),
       )
     if subtree is None:
       return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -140,11 +140,12 @@ def fit(
   skipped (no update) and counted as a step; `max_nonfinite_steps` in a row raise
   FloatingPointError.
   """
+  run_config = run_config or {}
   step = checkpointer.latest_step() if checkpointer else None
   if step is None:
     step = 0
   else:
-    trainer.restore(checkpointer, step, cfg, run_config or {})
+    trainer.restore(checkpointer, step, cfg, run_config)
     for _ in range(step):
       next(batches)
     logging.info("Resumed from step %d in %s", step, checkpointer.directory)
@@ -171,7 +172,7 @@ def fit(
         metrics_out.write(json.dumps(record) + "\n")
         metrics_out.flush()
       if checkpointer and (checkpointer.should_save(step) or step == steps or stop.requested):
-        trainer.save(checkpointer, step, cfg, run_config or {})
+        trainer.save(checkpointer, step, cfg, run_config)
   finally:
     stop.restore()
     if metrics_out:
