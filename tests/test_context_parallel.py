@@ -11,7 +11,7 @@ import llama3_jax as l3
 from llama3_jax.config import DataConfig, MeshConfig, RunConfig, TrainConfig
 from llama3_jax.inference.generate import pad_prompts, prefill
 from llama3_jax.model import KVCache
-from llama3_jax.model.attention import attention_mask
+from llama3_jax.model.masks import AttentionMask
 from llama3_jax.parallel import (
   init_sharded_params,
   load_balanced_order,
@@ -35,9 +35,7 @@ def test_order_gives_rank_r_chunks_r_and_its_mirror():
 def _pairs_per_rank(order, degree):
   """Unmasked (query, key) pairs of each rank's queries for one causal document."""
   positions = jnp.asarray(order)[None]
-  mask = np.asarray(
-    attention_mask(positions, jnp.ones_like(positions), positions, positions * 0 + 1)
-  )
+  mask = np.asarray(AttentionMask.self_attention(positions, jnp.ones_like(positions)).dense())
   return mask[0].reshape(degree, -1, len(order)).sum(axis=(1, 2))
 
 

@@ -6,11 +6,23 @@ from typing import Optional
 from llama3_jax.config.base import ConfigBase
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "dot_product")
+# xla: einsum over a [B, T, S] mask (the reference); dot_product: jax.nn.dot_product_attention on
+# that mask; flash: block-wise pure JAX, O(T) memory; splash: the TPU Pallas kernel; gpu_flash: the
+# Pallas-Triton GPU kernel; auto: splash on TPU, gpu_flash on GPU, flash for long rows elsewhere,
+# xla for short ones (model/attention.py).
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "flash", "splash", "gpu_flash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields that change how a model computes, not what its parameters are: checkpoints that differ
 # only in these hold the same architecture (a run may resume across them; models average).
-COMPUTE_FIELDS = ("name", "dtype", "attention_impl", "remat_policy", "max_seq_len")
+COMPUTE_FIELDS = (
+  "name",
+  "dtype",
+  "attention_impl",
+  "attention_block_q",
+  "attention_block_kv",
+  "remat_policy",
+  "max_seq_len",
+)
 
 
 def meta_ffn_dim(dim: int, ffn_dim_multiplier: Optional[float], multiple_of: int) -> int:
@@ -47,7 +59,8 @@ class ModelConfig(ConfigBase):
   """A Llama 3 dense decoder.
 
   `dtype` is the compute dtype of matmuls; norms, softmax and RoPE run in float32.
-  `param_dtype` is the storage dtype of parameters.
+  `param_dtype` is the storage dtype of parameters. `attention_block_q` / `attention_block_kv`
+  are the query and key tile sizes (tokens) of the block-wise attention kernels.
   """
 
   name: str
@@ -64,7 +77,9 @@ class ModelConfig(ConfigBase):
   max_seq_len: int = 8192
   param_dtype: str = "float32"
   dtype: str = "bfloat16"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
+  attention_block_q: int = 512
+  attention_block_kv: int = 512
   remat_policy: str = "none"
 
   def __post_init__(self):
@@ -76,6 +91,8 @@ class ModelConfig(ConfigBase):
       "n_kv_heads",
       "ffn_dim",
       "max_seq_len",
+      "attention_block_q",
+      "attention_block_kv",
     ):
       value = getattr(self, field)
       if not isinstance(value, int) or value <= 0:

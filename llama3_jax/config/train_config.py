@@ -14,7 +14,9 @@ class TrainConfig(ConfigBase):
   `pipeline_micro_batches` (0: S) that flow through the stages, and every rank holds
   `pipeline_interleave` virtual stages (1: GPipe; more: the interleaved schedule, a smaller bubble).
   Held-out loss every `eval_every` steps (0: never) over `eval_batches` batches.
-  `peak_tflops_per_device` (bf16 dense peak, 0: unknown) turns achieved TFLOP/s into MFU."""
+  `peak_tflops_per_device` (bf16 dense peak, 0: unknown) turns achieved TFLOP/s into MFU.
+  The output head and loss run over `loss_chunk` tokens of each row at a time, their logits
+  recomputed in the backward pass (0: all tokens at once)."""
 
   steps: int = 1000
   micro_batches: int = 1
@@ -26,6 +28,7 @@ class TrainConfig(ConfigBase):
   eval_every: int = 0
   eval_batches: int = 4
   peak_tflops_per_device: float = 0.0
+  loss_chunk: int = 1024
 
   def __post_init__(self):
     for field in (
@@ -38,7 +41,7 @@ class TrainConfig(ConfigBase):
     ):
       if getattr(self, field) < 1:
         raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
-    for field in ("eval_every", "peak_tflops_per_device", "pipeline_micro_batches"):
+    for field in ("eval_every", "peak_tflops_per_device", "pipeline_micro_batches", "loss_chunk"):
       if getattr(self, field) < 0:
         raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)}")
     if self.z_loss_weight < 0:

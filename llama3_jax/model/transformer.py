@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from llama3_jax.config import ModelConfig
-from llama3_jax.model.attention import Attention, attention_mask
+from llama3_jax.model.attention import Attention
 from llama3_jax.model.kv_cache import KVCache
 from llama3_jax.model.layers import FeedForward, RMSNorm, declare
+from llama3_jax.model.masks import AttentionMask
 
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -25,13 +26,13 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index):
+  def __call__(self, carry, layer_index, positions_BT, mask: AttentionMask, cache_index):
     """carry = (x [B, T, D], whole-model cache (k, v) or None); the cache is updated in place."""
     x_BTD, cache_kv = carry
     attn_out, cache_kv = Attention(self.cfg, name="attention")(
       RMSNorm(self.cfg, name="attention_norm")(x_BTD),
       positions_BT,
-      mask_BTS,
+      mask,
       cache_kv,
       layer_index,
       cache_index,
@@ -58,25 +59,14 @@ def _scanned_layers(cfg: ModelConfig, n_layers: int):
   )
 
 
-def document_mask(positions_BT, segment_ids_BT, branch_ids_BT=None):
-  """bool [B, T, T]: causal by position within each packed document (see attention_mask).
-
-  `branch_ids` (int, optional) share a document's start between branches: a token of branch b > 0
-  sees branch 0 (the shared part) and its own branch only, as if each branch followed the shared
-  part in a row of its own (positions continue from the shared part in every branch)."""
-  mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
-  if branch_ids_BT is not None:
-    kv_branch, q_branch = branch_ids_BT[:, None, :], branch_ids_BT[:, :, None]
-    mask_BTS &= (kv_branch == 0) | (kv_branch == q_branch)
-  return nn.with_logical_constraint(mask_BTS, ("batch", "length", "kv_length"))
-
-
 class DecoderStack(nn.Module):
   """`n_layers` consecutive decoder layers without a cache: x [B, T, D] -> [B, T, D]; parameters
-  under `layers` with a leading axis of `n_layers` (a slice of a Transformer's `layers`)."""
+  under `layers` with a leading axis of `n_layers` (a slice of a Transformer's `layers`).
+  `context_order`: see Transformer."""
 
   cfg: ModelConfig
   n_layers: int
+  context_order: int = 1
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -84,7 +74,7 @@ class DecoderStack(nn.Module):
       (x_BTD, None),
       jnp.arange(self.n_layers),
       positions_BT,
-      document_mask(positions_BT, segment_ids_BT),
+      AttentionMask.self_attention(positions_BT, segment_ids_BT, index_order=self.context_order),
       None,
     )
     return x_BTD
@@ -114,12 +104,22 @@ class Transformer(nn.Module):
   cache); segment_ids [B, T] (default all 1) separate packed documents, 0 marks padding. With
   `cache`, the tokens are written into the cache slots from `cache.index` on, attend to every
   filled slot, and (logits, new cache) is returned. `logits_at` [B] int computes logits only at
-  that index of each row, returned as [B, vocab]. `branch_ids` (no cache): see `document_mask`. The methods `embed` and `head` are the two ends
-  on their own (pipeline parallelism runs the layers between them in stages).
+  that index of each row, returned as [B, vocab]. `branch_ids` [B, T] (no cache) share a
+  document's start between branches: a token of branch b > 0 sees branch 0 (the shared part) and
+  its own branch only, as if each branch followed the shared part in a row of its own (positions
+  continue from the shared part in every branch). The methods `embed` and `head` are the two ends
+  on their own (pipeline parallelism runs the layers between them in stages), and `hidden` the
+  rest (the head's input).
+
+  Without a cache or branch ids, positions must increase with the index within each segment (as
+  packed rows do), the rows being in natural order or, with `context_order` = d > 1, in the
+  load-balanced order of context degree d (parallel/context.py): the index-masked attention
+  kernels rely on it.
   """
 
   cfg: ModelConfig
   lm_head: bool = True  # False: no output projection (a backbone for `features`)
+  context_order: int = 1
 
   def setup(self):
     cfg = self.cfg
@@ -151,18 +151,18 @@ class Transformer(nn.Module):
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.output, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
 
-  def features(self, tokens, positions=None, segment_ids=None, branch_ids=None):
-    """The final-normed hidden states [B, T, D] (what the head projects), no cache; see
-    `document_mask` for `branch_ids`."""
+  def hidden(self, tokens, positions=None, segment_ids=None, branch_ids=None):
+    """The last layer's output [B, T, D] before the final norm (what `head` takes), no cache."""
     positions, segment_ids = _default_inputs(tokens, positions, segment_ids, branch_ids)
+    mask = AttentionMask.self_attention(positions, segment_ids, branch_ids, self.context_order)
     (x_BTD, _), _ = self.layers(
-      (self.embed(tokens), None),
-      jnp.arange(self.cfg.n_layers),
-      positions,
-      document_mask(positions, segment_ids, branch_ids),
-      None,
+      (self.embed(tokens), None), jnp.arange(self.cfg.n_layers), positions, mask, None
     )
-    return self.final_norm(x_BTD)
+    return x_BTD
+
+  def features(self, tokens, positions=None, segment_ids=None, branch_ids=None):
+    """The final-normed hidden states [B, T, D] (what the head projects), no cache."""
+    return self.final_norm(self.hidden(tokens, positions, segment_ids, branch_ids))
 
   def __call__(
     self,
@@ -186,7 +186,7 @@ class Transformer(nn.Module):
 
     if cache is None:
       cache_kv, cache_index = None, None
-      mask_BTS = document_mask(positions, segment_ids, branch_ids)
+      mask = AttentionMask.self_attention(positions, segment_ids, branch_ids, self.context_order)
     else:
       cache_index = cache.index
       kv_positions = jax.lax.dynamic_update_slice_in_dim(
@@ -196,10 +196,10 @@ class Transformer(nn.Module):
         cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, axis=1
       )
       cache_kv = (cache.k, cache.v)
-      mask_BTS = attention_mask(positions, segment_ids, kv_positions, kv_segment_ids)
+      mask = AttentionMask.over_cache(positions, segment_ids, kv_positions, kv_segment_ids)
 
     (x_BTD, cache_kv), _ = self.layers(
-      (self.embed(tokens), cache_kv), jnp.arange(cfg.n_layers), positions, mask_BTS, cache_index
+      (self.embed(tokens), cache_kv), jnp.arange(cfg.n_layers), positions, mask, cache_index
     )
     if logits_at is not None:
       x_BTD = x_BTD[jnp.arange(batch), logits_at][:, None]

@@ -17,4 +17,4 @@ from llama3_jax.parallel.sharding import (
   param_shardings,
   shard_params,
 )
-from llama3_jax.parallel.pipeline import PipelineSchedule, pipeline_degree, pipeline_logits
+from llama3_jax.parallel.pipeline import PipelineSchedule, pipeline_degree, pipeline_hidden

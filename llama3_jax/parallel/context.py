@@ -10,26 +10,14 @@ and the model's numbers do not change. Keys and values are gathered over `contex
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from llama3_jax.model.masks import load_balanced_order
 from llama3_jax.parallel.mesh import axis_degree
 
 
 def context_degree() -> int:
   """The `context` degree of the mesh being traced under (1 outside a mesh)."""
   return axis_degree("context")
-
-
-def load_balanced_order(length: int, degree: int) -> np.ndarray:
-  """int [length]: the permutation of 0..length-1 putting chunks r and 2*degree-1-r of 2*degree
-  equal chunks into the r-th contiguous block of length / degree (what rank r of `context` holds)."""
-  if length % (2 * degree):
-    raise ValueError(
-      f"Context parallelism of degree {degree} needs a sequence length divisible by "
-      f"2 x {degree} = {2 * degree}; got {length}"
-    )
-  chunks = np.arange(length).reshape(2 * degree, length // (2 * degree))
-  return np.concatenate([np.concatenate([chunks[r], chunks[-1 - r]]) for r in range(degree)])
 
 
 def reorder_for_context(tree, degree: int):

@@ -79,7 +79,7 @@ def pipeline_degree() -> int:
   return axis_degree("pipeline")
 
 
-def _rows_over_pipeline(rows: int):
+def rows_over_pipeline(rows: int):
   """The active logical rules with the batch rows also split over `pipeline`, where they divide."""
   rules = nn.get_logical_axis_rules()
   batch_axes = dict(rules)["batch"]
@@ -105,11 +105,11 @@ def _stage_weights(layer_params, cfg: ModelConfig, schedule: PipelineSchedule):
   )
 
 
-def _run_stages(layer_params, x_MBTD, positions_MBT, segment_ids_MBT, cfg, schedule):
+def _run_stages(layer_params, x_MBTD, positions_MBT, segment_ids_MBT, cfg, schedule, context_order):
   """All micro-batches through all layers: [M, b, T, D] -> [M, b, T, D]."""
   S, M, V, P = schedule.stages, schedule.micro_batches, schedule.interleave, schedule.period
   weights = _stage_weights(layer_params, cfg, schedule)
-  stack = DecoderStack(cfg, cfg.n_layers // (S * V))
+  stack = DecoderStack(cfg, cfg.n_layers // (S * V), context_order)
 
   def stage(w_V, repeat, x_BTD, positions_BT, segment_ids_BT):
     # With one virtual stage per rank the weights are the same at every iteration; otherwise the
@@ -157,19 +157,26 @@ def _run_stages(layer_params, x_MBTD, positions_MBT, segment_ids_MBT, cfg, sched
   return jnp.sum(final, axis=0)
 
 
-def pipeline_logits(params, tokens_BT, positions_BT, segment_ids_BT, cfg, schedule):
-  """The Transformer's logits [B, T, vocab] (no cache), its layers run as a pipeline."""
+def pipeline_hidden(params, tokens_BT, positions_BT, segment_ids_BT, cfg, schedule, context_order=1):
+  """The Transformer's last hidden states [B, T, D] before the head (no cache), its layers run as
+  a pipeline; run the head under `rows_over_pipeline(B)` (its rows split over the ranks too).
+  `context_order`: see Transformer."""
   rows, length = tokens_BT.shape
   schedule.check(cfg.n_layers, rows)
   model = Transformer(cfg)
   # Micro-batch m takes rows m, M + m, 2M + m, ...: the rows each data shard holds stay with it.
   micro = lambda a: a.reshape((-1, schedule.micro_batches) + a.shape[1:]).swapaxes(0, 1)
-  with _rows_over_pipeline(rows):
+  with rows_over_pipeline(rows):
     x_BTD = model.apply({"params": params}, tokens_BT, method="embed")
   x_MBTD = nn.with_logical_constraint(micro(x_BTD), (None,) + ACT_SBTD[1:])
   y_MBTD = _run_stages(
-    params["layers"], x_MBTD, micro(positions_BT), micro(segment_ids_BT), cfg, schedule
+    params["layers"],
+    x_MBTD,
+    micro(positions_BT),
+    micro(segment_ids_BT),
+    cfg,
+    schedule,
+    context_order,
   )
-  with _rows_over_pipeline(rows):
-    y_BTD = y_MBTD.swapaxes(0, 1).reshape(rows, length, -1)
-    return model.apply({"params": params}, y_BTD, method="head")
+  with rows_over_pipeline(rows):
+    return nn.with_logical_constraint(y_MBTD.swapaxes(0, 1).reshape(rows, length, -1), ACT_SBTD[1:])

@@ -1,6 +1,6 @@
 """DPO's rows: a prompt with its chosen and rejected responses in one row, scored in one forward.
 
-The two responses are branches after the prompt (see `document_mask`): each attends to the prompt
+The two responses are branches after the prompt (see `Transformer`): each attends to the prompt
 and itself only, with positions continuing from the prompt. A token is predicted from the logits
 of the token before it in its own sequence, which for the rejected response's first token is the
 prompt's last token (`predicted_from`). The masks hold each response's content only: its header

@@ -1,7 +1,7 @@
 """The reward model of the Llama 3 paper (Sec. 4.1.2): the language model's backbone with a scalar
 head, trained with the Bradley-Terry loss -log sigmoid(r_better - r_worse) (no margin term) over
 every pair a ranking implies (edited > chosen > rejected). A prompt and its responses share one row:
-each response attends to the prompt and to itself only (branch ids, see `document_mask`) and is
+each response attends to the prompt and to itself only (branch ids, see `Transformer`) and is
 scored at its last token, exactly as if it were in a row of its own.
 """
 

@@ -1,5 +1,6 @@
 """One optimizer step: micro-batched gradients in float32, the NaN/Inf guard and step metrics."""
 
+import contextlib
 from typing import Callable, Dict, Tuple
 
 import jax
@@ -9,8 +10,13 @@ import optax
 from llama3_jax.config import ModelConfig, TrainConfig
 from llama3_jax.model import Transformer
 from llama3_jax.parallel.context import context_degree, reorder_for_context
-from llama3_jax.parallel.pipeline import PipelineSchedule, pipeline_degree, pipeline_logits
-from llama3_jax.train.loss import cross_entropy_sums, shift_batch
+from llama3_jax.parallel.pipeline import (
+  PipelineSchedule,
+  pipeline_degree,
+  pipeline_hidden,
+  rows_over_pipeline,
+)
+from llama3_jax.train.loss import chunked_log_probs, log_prob_sums, shift_batch
 from llama3_jax.train.train_state import TrainState
 
 
@@ -32,27 +38,37 @@ def pipeline_schedule(train_cfg: TrainConfig, stages: int) -> PipelineSchedule:
   )
 
 
-def _forward(model_cfg: ModelConfig, train_cfg: TrainConfig):
-  """(params, tokens, positions, segment_ids) -> logits; pipelined under a `pipeline` mesh axis."""
+def _hidden_and_head(model_cfg: ModelConfig, train_cfg: TrainConfig, context: int):
+  """((params, tokens, positions, segment_ids) -> last hidden states [B, T, D], a context manager
+  for the head's rules): the layers pipelined under a `pipeline` mesh axis, where the head runs
+  with the rows split over the pipeline ranks too."""
   stages = pipeline_degree()
   if stages == 1:
-    model = Transformer(model_cfg)
-    return lambda p, *inputs: model.apply({"params": p}, *inputs)
+    model = Transformer(model_cfg, context_order=context)
+    hidden = lambda p, *inputs: model.apply({"params": p}, *inputs, method="hidden")
+    return hidden, lambda rows: contextlib.nullcontext()
   schedule = pipeline_schedule(train_cfg, stages)
-  return lambda p, *inputs: pipeline_logits(p, *inputs, model_cfg, schedule)
+  hidden = lambda p, *inputs: pipeline_hidden(p, *inputs, model_cfg, schedule, context)
+  return hidden, rows_over_pipeline
 
 
 def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
   """Summed over the batch's valid targets: (cross-entropy, number of targets, gradients of
   cross-entropy + z-loss), accumulated over micro-batches in float32. Under a mesh with context
   parallelism the sequence is first put in the load-balanced order (parallel/context.py); with
-  pipeline parallelism the layers run as a pipeline (parallel/pipeline.py)."""
-  forward = _forward(model_cfg, train_cfg)
+  pipeline parallelism the layers run as a pipeline (parallel/pipeline.py). The head and loss run
+  over `train_cfg.loss_chunk` tokens of each row at a time (train/loss.py)."""
+  context = context_degree()
+  hidden, head_rules = _hidden_and_head(model_cfg, train_cfg, context)
+  model = Transformer(model_cfg)
 
   def objective(p, micro):
-    inputs, targets, valid = reorder_for_context(shift_batch(micro), context_degree())
-    logits = forward(p, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
-    ce_sum, z_sum = cross_entropy_sums(logits, targets, valid)
+    inputs, targets, valid = reorder_for_context(shift_batch(micro), context)
+    x_BTD = hidden(p, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
+    with head_rules(x_BTD.shape[0]):
+      head = lambda x: model.apply({"params": p}, x, method="head")
+      log_p, lse = chunked_log_probs(head, x_BTD, targets, train_cfg.loss_chunk, context)
+    ce_sum, z_sum = log_prob_sums(log_p, lse, valid)
     return ce_sum + train_cfg.z_loss_weight * z_sum, (ce_sum, jnp.sum(valid))
 
   def accumulate(carry, micro):
