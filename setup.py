@@ -26,5 +26,8 @@ setuptools.setup(
         # References the tests compare against, and readers of Meta's .pth checkpoints.
         "torch": ["torch==2.13.0"],
         "test": ["torch==2.13.0", "transformers", "fairscale", "pytest", "pyyaml"],
+        # libtpu matching the installed jax: compiles for TPU topologies on any host (dry_run.py
+        # --topology); an unmatched newer libtpu fails with XLA RET_CHECK errors.
+        "tpu-aot": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

@@ -22,6 +22,7 @@ from llama3_jax.config import (
   TrainConfig,
   parse_ramp,
 )
+from llama3_jax.config.model_config import ATTENTION_IMPLS, REMAT_POLICIES
 from llama3_jax.convert import load_checkpoint
 from llama3_jax.parallel import initialize
 from llama3_jax.train.loop import train
@@ -71,6 +72,15 @@ _PIPELINE_INTERLEAVE = flags.DEFINE_integer(
   "pipeline_interleave", 1, "Virtual pipeline stages per device (>1: interleaved schedule)."
 )
 _Z_LOSS = flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
+_ATTENTION = flags.DEFINE_enum(
+  "attention_impl", None, list(ATTENTION_IMPLS), "Attention implementation (default: the model's)."
+)
+_REMAT = flags.DEFINE_enum(
+  "remat", None, list(REMAT_POLICIES), "Rematerialisation policy (default: the model's)."
+)
+_LOSS_CHUNK = flags.DEFINE_integer(
+  "loss_chunk", 1024, "Tokens per row per output-head/loss chunk (0: all at once)."
+)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out loss every N steps (0: never).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Progress line every N steps.")
 _PEAK_TFLOPS = flags.DEFINE_float(
@@ -114,8 +124,9 @@ def _sources():
 def _run_config(model_cfg) -> RunConfig:
   steps = _STEPS.value
   warmup = _WARMUP.value if _WARMUP.value is not None else min(8000, steps // 10)
+  overrides = {"attention_impl": _ATTENTION.value, "remat_policy": _REMAT.value}
   return RunConfig(
-    model=model_cfg,
+    model=model_cfg.replace(**{k: v for k, v in overrides.items() if v}),
     mesh=MeshConfig.parse(_MESH.value),
     optimizer=OptimizerConfig(
       peak_lr=_LR.value,
@@ -140,6 +151,7 @@ def _run_config(model_cfg) -> RunConfig:
       log_every=_LOG_EVERY.value,
       eval_every=_EVAL_EVERY.value,
       peak_tflops_per_device=_PEAK_TFLOPS.value,
+      loss_chunk=_LOSS_CHUNK.value,
     ),
     checkpoint=CheckpointConfig(
       directory=_CHECKPOINT_DIR.value, save_every=_SAVE_EVERY.value, keep=_KEEP.value
@@ -174,7 +186,7 @@ def main(argv):
   if _SAMPLE.value and _SAMPLE_TOKENS.value and jax.process_index() == 0:
     prompt = tokenizer.encode(_SAMPLE.value, bos=True, eos=False)
     [sample] = l3.generate(
-      model_cfg,
+      run.model,
       state.params,
       [prompt],
       max_new_tokens=_SAMPLE_TOKENS.value,

@@ -82,24 +82,33 @@ def test_training_refuses_a_sequence_length_that_does_not_split():
     train(run, l3.Tokenizer.default())
 
 
-def test_context_parallel_prefill_equals_one_device():
+# flash with tiles of 8 queries (2 per rank's chunk) and 16 cache slots.
+PREFILL_CFGS = {
+  "auto": CFG,
+  "flash": CFG.replace(attention_impl="flash", attention_block_q=8, attention_block_kv=16),
+}
+
+
+@pytest.mark.parametrize("impl", list(PREFILL_CFGS))
+def test_context_parallel_prefill_equals_one_device(impl):
   """A long-prompt prefill split over context=4: the same last-token logits and the same cache
   (its slots in the load-balanced order), and then the same greedy continuation."""
+  cfg = PREFILL_CFGS[impl]
   rng = np.random.RandomState(1)
-  prompts = [rng.randint(0, CFG.vocab_size, n).tolist() for n in (60, 45)]
+  prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in (60, 45)]
   tokens, lengths = pad_prompts(prompts, 64)
-  params = l3.init_params(CFG, jax.random.key(0))
-  empty = KVCache.empty(CFG, 2, 72)
+  params = l3.init_params(cfg, jax.random.key(0))
+  empty = KVCache.empty(cfg, 2, 72)
   run_prefill = jax.jit(prefill, static_argnums=0)
-  logits, cache = run_prefill(CFG, params, tokens, lengths, empty)
+  logits, cache = run_prefill(cfg, params, tokens, lengths, empty)
   greedy = l3.SamplingConfig(temperature=0.0)
-  continuation = l3.generate(CFG, params, prompts, max_new_tokens=8, sampling=greedy)
+  continuation = l3.generate(cfg, params, prompts, max_new_tokens=8, sampling=greedy)
 
   mesh = make_mesh(MeshConfig.parse("fsdp=2,context=4"))
-  sharded_params = init_sharded_params(CFG, mesh, jax.random.key(0))
+  sharded_params = init_sharded_params(cfg, mesh, jax.random.key(0))
   with mesh_context(mesh):
-    cp_logits, cp_cache = run_prefill(CFG, sharded_params, tokens, lengths, empty)
-    cp_continuation = l3.generate(CFG, sharded_params, prompts, max_new_tokens=8, sampling=greedy)
+    cp_logits, cp_cache = run_prefill(cfg, sharded_params, tokens, lengths, empty)
+    cp_continuation = l3.generate(cfg, sharded_params, prompts, max_new_tokens=8, sampling=greedy)
   np.testing.assert_allclose(np.asarray(cp_logits), np.asarray(logits), rtol=0, atol=1e-5)
   order = load_balanced_order(64, 4)
   for name in ("k", "v", "positions", "segment_ids"):

@@ -1,8 +1,12 @@
 """dry_run compiles llama3.1-8b's train step on 8 fake devices without allocating it and reports
 per-device memory; the parameter + optimizer state matches its closed form, and the analytic
 estimate is within 10% of the compiled total. Without compiling, it estimates the paper's 405B
-layouts."""
+layouts. For a real TPU topology, with libtpu's compiler from this CPU host (the `tpu-aot` extra;
+skipped only without it), the tiny preset's step on `v5e:2x2` picks the splash kernel under
+`auto`, compiles for TPU and reports memory against the chip's HBM; a step too large for HBM is
+named in one line."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -13,6 +17,9 @@ import pytest
 import llama3_jax as l3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEEDS_LIBTPU = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="needs the tpu-aot extra (libtpu)"
+)
 
 
 def _dry_run(*flags):
@@ -88,3 +95,36 @@ def test_estimate_only_for_the_paper_405b_layouts(devices, flags):
   state = 12 * (layer_params / (fsdp * 16 * tp) + vocab_params / (fsdp * tp)) / 2**30
   assert terms["state"] == pytest.approx(state, rel=0.01)
   assert 0 < sum(terms.values()) < 80  # fits an 80 GB H100, as in the paper
+
+
+@NEEDS_LIBTPU
+def test_tiny_with_splash_compiles_for_v5e():
+  result = _dry_run(
+    "--config=tiny",
+    "--topology=v5e:2x2",
+    "--mesh=fsdp=4",
+    "--global_batch_size=8",
+    "--seq_len=2048",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "TPU topology v5e:2x2 (TPU v5 lite)" in result.stdout
+  assert "attention_impl=auto: using splash (on tpu)" in result.stderr
+  share = re.search(r"against 16 GiB HBM per chip: (\d+)%, fits", result.stdout)
+  assert share and 0 < int(share[1]) < 100, result.stdout
+  assert "all-gather" in result.stdout
+
+
+@NEEDS_LIBTPU
+def test_a_step_beyond_hbm_is_named_in_one_line():
+  result = _dry_run(
+    "--config=tiny",
+    "--topology=v5e:2x2",
+    "--mesh=fsdp=4",
+    "--global_batch_size=64",
+    "--seq_len=16384",
+    "--remat=none",
+  )
+  assert result.returncode != 0
+  assert re.search(r"does not fit: .*RESOURCE_EXHAUSTED.*exceeds", result.stderr), result.stderr[
+    -2000:
+  ]

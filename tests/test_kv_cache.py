@@ -11,11 +11,13 @@ import llama3_jax as l3
 from llama3_jax.inference import decode_step, prefill
 from llama3_jax.model import KVCache
 
-IMPLS = ["xla", "dot_product"]
+IMPLS = ["xla", "dot_product", "flash"]
+# Tiles of 4 tokens: prompts, documents and cache slots span several, some of them skipped.
+FLASH_BLOCKS = dict(attention_block_q=4, attention_block_kv=4)
 
 
 def _model(name, impl, seed=0):
-  cfg = l3.get_config(name, attention_impl=impl)
+  cfg = l3.get_config(name, attention_impl=impl, **(FLASH_BLOCKS if impl == "flash" else {}))
   return cfg, l3.init_params(cfg, jax.random.key(seed))
 
 

@@ -11,7 +11,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Pallas-Triton GPU kernel; auto: splash on TPU, gpu_flash on GPU, flash for long rows elsewhere,
 # xla for short ones (model/attention.py).
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "flash", "splash", "gpu_flash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")
 # Fields that change how a model computes, not what its parameters are: checkpoints that differ
 # only in these hold the same architecture (a run may resume across them; models average).
 COMPUTE_FIELDS = (

@@ -46,7 +46,10 @@ def local_attention(q_BTHK, k_BSGK, v_BSGK, mask: AttentionMask, settings):
   multiple = max(sizes.block_q, sizes.block_k, sizes.block_q_dkv, sizes.block_kv_dkv)
   padded = -(-length // multiple) * multiple
   pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
-  k_BTHK, v_BTHK = (jnp.repeat(x, groups, axis=2) for x in (k_BSGK, v_BSGK))
+  # Repeated in float32 so that the backward sums each group's gradients in float32.
+  k_BTHK, v_BTHK = (
+    jnp.repeat(x.astype(jnp.float32), groups, axis=2).astype(x.dtype) for x in (k_BSGK, v_BSGK)
+  )
   out = triton_attention.mha(
     pad(q_BTHK),
     pad(k_BTHK),

@@ -5,6 +5,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.model.attention import Attention
@@ -12,10 +13,18 @@ from llama3_jax.model.kv_cache import KVCache
 from llama3_jax.model.layers import FeedForward, RMSNorm, declare
 from llama3_jax.model.masks import AttentionMask
 
+LAYER_INPUT = "decoder_layer_input"
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_saveable,
   "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # As full, with each layer's input kept in host memory instead of the accelerator's (TPU/GPU).
+  "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[],
+    names_which_can_be_offloaded=[LAYER_INPUT],
+    offload_src="device",
+    offload_dst="pinned_host",
+  ),
 }
 ACT_BTD = ("batch", "length", "act_embed")
 
@@ -29,6 +38,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, carry, layer_index, positions_BT, mask: AttentionMask, cache_index):
     """carry = (x [B, T, D], whole-model cache (k, v) or None); the cache is updated in place."""
     x_BTD, cache_kv = carry
+    x_BTD = checkpoint_name(x_BTD, LAYER_INPUT)
     attn_out, cache_kv = Attention(self.cfg, name="attention")(
       RMSNorm(self.cfg, name="attention_norm")(x_BTD),
       positions_BT,

@@ -36,3 +36,22 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
   mesh = Mesh(device_grid(cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   logging.info("Mesh %s over %d devices", dict(mesh.shape), len(devices))
   return mesh
+
+
+# HBM per chip (GiB) by device kind, for compiles against TPU topologies (dry_run.py).
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU topology `name` (e.g. 'v5e:2x2', 'v6e:16x16', 'v5p:4x4x4') to compile
+  for from any host, without the chips: needs libtpu (`pip install -e ".[tpu-aot]"`)."""
+  from jax.experimental import topologies
+
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except Exception as e:  # libtpu missing or the name unknown: say which
+    raise ValueError(
+      f"Cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e)[:200]}); it needs "
+      'libtpu matching the installed jax (pip install -e ".[tpu-aot]") and a name such as '
+      "v5e:2x2, v5p:2x2x2 or v6e:16x16"
+    ) from None

@@ -157,7 +157,9 @@ def _run_stages(layer_params, x_MBTD, positions_MBT, segment_ids_MBT, cfg, sched
   return jnp.sum(final, axis=0)
 
 
-def pipeline_hidden(params, tokens_BT, positions_BT, segment_ids_BT, cfg, schedule, context_order=1):
+def pipeline_hidden(
+  params, tokens_BT, positions_BT, segment_ids_BT, cfg, schedule, context_order=1
+):
   """The Transformer's last hidden states [B, T, D] before the head (no cache), its layers run as
   a pipeline; run the head under `rows_over_pipeline(B)` (its rows split over the ranks too).
   `context_order`: see Transformer."""

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama3_jax.config import ModelConfig
+from llama3_jax.config import ModelConfig, TrainConfig
 from llama3_jax.data.chat import Preference
 from llama3_jax.model import Transformer
-from llama3_jax.posttrain.dpo import DPOConfig, dpo_loss, token_logps
+from llama3_jax.posttrain.dpo import DPOConfig, dpo_loss
 from llama3_jax.posttrain.reward import pack_responses
 from llama3_jax.tokenizer.chat_format import ChatFormat
+from llama3_jax.train.loss import chunked_log_probs
 
 
 def dpo_rows(chat: ChatFormat, preferences: Sequence[Preference], length: int) -> Dict:
@@ -48,17 +49,21 @@ def dpo_rows(chat: ChatFormat, preferences: Sequence[Preference], length: int) -
   return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
-def response_logps(params: Dict, batch: Dict, cfg: ModelConfig):
-  """(chosen log-prob sums [B], rejected log-prob sums [B], chosen token counts [B]), float32."""
-  logits_BTV = Transformer(cfg).apply(
+def response_logps(params: Dict, batch: Dict, cfg: ModelConfig, chunk=TrainConfig.loss_chunk):
+  """(chosen log-prob sums [B], rejected log-prob sums [B], chosen token counts [B]), float32;
+  the head runs over `chunk` tokens at a time (train/loss.py)."""
+  model = Transformer(cfg)
+  hidden_BTD = model.apply(
     {"params": params},
     batch["tokens"],
     batch["positions"],
     batch["segment_ids"],
-    branch_ids=batch["branch_ids"],
+    batch["branch_ids"],
+    method="hidden",
   )
-  predicting_BTV = jnp.take_along_axis(logits_BTV, batch["predicted_from"][..., None], axis=1)
-  logps_BT = token_logps(predicting_BTV, batch["tokens"])
+  predicting_BTD = jnp.take_along_axis(hidden_BTD, batch["predicted_from"][..., None], axis=1)
+  head = lambda x: model.apply({"params": params}, x, method="head")
+  logps_BT, _ = chunked_log_probs(head, predicting_BTD, batch["tokens"], chunk)
   chosen, rejected = batch["chosen"], batch["rejected"]
   return (
     jnp.sum(jnp.where(chosen, logps_BT, 0.0), axis=-1),

@@ -9,10 +9,11 @@ Each term is a count of bytes per device, derived from the model, batch and mesh
                  size before each device keeps its slice (what the compiled programs do).
   activations    what the backward pass keeps per layer (by remat policy) for the layers of one
                  pipeline stage, plus the pipeline's input and output buffers.
-  logits         fp32 logits, their softmax and gradient for the rows one device scores (with a
-                 pipeline, the rows are split over its ranks too).
+  logits         fp32 logits, their softmax and gradient of one loss chunk (`loss_chunk` tokens)
+                 of the rows one device scores (with a pipeline, the rows are split over its ranks).
   layer_working  one layer's weights gathered in the compute dtype and their gradient, and its
-                 attention scores and probabilities (fp32, local queries x all keys).
+                 attention scores and probabilities (fp32, local queries x all keys) with the
+                 dense implementations, or a few fp32 score tiles with the block-wise ones.
   pipeline_weights  with a pipeline, the layer weights regrouped by stage, and with interleaving
                  each iteration's selection of a virtual stage's weights, kept for the backward.
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from llama3_jax.config import MeshConfig, RunConfig
 from llama3_jax.config.mesh_config import MESH_AXES
 from llama3_jax.model import param_shapes
+from llama3_jax.model.attention import FLASH_MIN_PAIRS
 from llama3_jax.parallel.pipeline import PipelineSchedule
 from llama3_jax.parallel.rules import mesh_axes
 from llama3_jax.train.plan import MemoryPlan
@@ -66,8 +68,9 @@ def _split(names, degrees: Dict[str, int]) -> int:
 
 def estimated_memory(run: RunConfig, mesh: MeshConfig, n_devices: int) -> MemoryEstimate:
   """The closed-form estimate of `run`'s train step on `mesh` over `n_devices` devices. Attention
-  `xla` materialises fp32 scores and probabilities; `dot_product` is taken to be a fused kernel
-  that does not (cuDNN on GPU; on CPU it falls back to materialising them)."""
+  `xla` (and `auto` on short rows) materialises fp32 scores and probabilities; `dot_product` is
+  taken to be a fused kernel that does not (cuDNN on GPU; on CPU it falls back to materialising
+  them), like the block-wise kernels (flash, splash, gpu_flash)."""
   cfg, data, train = run.model, run.data, run.train
   degrees = dict(zip(MESH_AXES, mesh.resolved(n_devices).degrees()))
   tp, cp, pp = degrees["tensor"], degrees["context"], degrees["pipeline"]
@@ -94,10 +97,17 @@ def estimated_memory(run: RunConfig, mesh: MeshConfig, n_devices: int) -> Memory
       pipeline_weights *= 1 + schedule.iterations / schedule.interleave
   length = data.seq_len / cp
   heads = cfg.n_heads / tp
-  scores = 4 * heads * length * data.seq_len if cfg.attention_impl == "xla" else 0.0
+  dense = cfg.attention_impl == "xla" or (
+    cfg.attention_impl == "auto" and data.seq_len**2 < FLASH_MIN_PAIRS
+  )
+  scores = 4 * heads * length * data.seq_len if dense else 0.0
+  tile = 0.0 if dense else 3 * 4 * heads * cfg.attention_block_q * cfg.attention_block_kv
+  chunk = length if train.loss_chunk <= 0 else min(train.loss_chunk, length)
 
   token_dim = length * cfg.dim * compute_bytes  # one row of a [rows, T / CP, D] activation
-  if cfg.remat_policy == "full":
+  if cfg.remat_policy == "offload":
+    per_row = 0.0  # the layer inputs live in host memory
+  elif cfg.remat_policy == "full":
     per_row = token_dim
   elif cfg.remat_policy in ("dots", "dots_with_no_batch_dims"):
     per_row = token_dim * (4 + 3 * cfg.ffn_dim / cfg.dim / tp)
@@ -113,7 +123,7 @@ def estimated_memory(run: RunConfig, mesh: MeshConfig, n_devices: int) -> Memory
     gradients=4 * local_params,
     vocab_grads=(1 if cfg.tie_embeddings else 2) * 4 * cfg.vocab_size * cfg.dim / tp,
     activations=activations,
-    logits=3 * 4 * (rows / pp) * length * cfg.vocab_size / tp,
-    layer_working=2 * compute_bytes * layer_params / tp + 2 * in_flight * scores,
+    logits=3 * 4 * (rows / pp) * chunk * cfg.vocab_size / tp,
+    layer_working=2 * compute_bytes * layer_params / tp + 2 * in_flight * scores + in_flight * tile,
     pipeline_weights=pipeline_weights,
   )
