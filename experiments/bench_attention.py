@@ -84,7 +84,7 @@ def _attention_seconds(impl: str, length: int) -> float:
 def _run_steps(length: int) -> None:
   cfg = _cfg("flash", length)
   mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
-  opt = OptimizerConfig(peak_lr=3e-3, warmup_steps=1, decay_steps=10)
+  opt = OptimizerConfig(peak_lr=3e-3, warmup_steps=0, decay_steps=10)
   tx = make_optimizer(opt, 10)
   state, _ = create_train_state(cfg, tx, mesh, jax.random.key(0))
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, length + 1))

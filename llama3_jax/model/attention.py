@@ -136,17 +136,13 @@ def on_each_shard(kernel, q_BTHK, k_BSGK, v_BSGK, mask: AttentionMask, prepare=N
   kv_spec = PartitionSpec(*(specs[a] for a in KV_AXES))
   row_q = PartitionSpec(specs["batch"], specs["length"])
   row_kv = PartitionSpec(specs["batch"], specs["kv_length"])
-  mask_specs = jax.tree.map(
-    lambda _, s: s,
-    mask,
-    mask.replace(
-      q_positions=row_q,
-      q_segment_ids=row_q,
-      kv_positions=row_kv,
-      kv_segment_ids=row_kv,
-      q_branch_ids=row_q if mask.has_branches else None,
-      kv_branch_ids=row_kv if mask.has_branches else None,
-    ),
+  mask_specs = mask.replace(
+    q_positions=row_q,
+    q_segment_ids=row_q,
+    kv_positions=row_kv,
+    kv_segment_ids=row_kv,
+    q_branch_ids=row_q if mask.has_branches else None,
+    kv_branch_ids=row_kv if mask.has_branches else None,
   )
   in_specs = (q_spec, kv_spec, kv_spec, mask_specs, extra_specs)
   return jax.shard_map(kernel, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
