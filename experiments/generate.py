@@ -36,7 +36,7 @@ _ATTENTION = flags.DEFINE_enum(
   "attention_impl",
   None,
   list(ATTENTION_IMPLS),
-  "Attention override: xla einsum or jax.nn.dot_product_attention.",
+  "Attention implementation override (see ModelConfig; cache calls use flash, not splash).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and sampling.")
 
