@@ -51,7 +51,7 @@ def _block(requested: int, length: int) -> int:
 def prepare(cfg: ModelConfig, q_shape, mask: AttentionMask, interpret: bool, specs):
   """(the splash kernel for these global shapes, its shard_map PartitionSpecs or None);
   `interpret`: run it in Pallas interpret mode (off TPU)."""
-  batch, length, n_heads, _ = q_shape
+  _, length, n_heads, _ = q_shape
   order = mask.index_order
   mesh = jax.sharding.get_abstract_mesh()
   degree = lambda name: (
