@@ -24,8 +24,8 @@ LANES = 128  # the kernel's tiles are multiples of this many tokens
 class _PermutedCausalMask(masks.CausalMask):
   """Causal by index, the queries being the tokens `q_sequence` (a permutation) of the keys."""
 
-  def __init__(self, q_sequence: np.ndarray, shard_count: int):
-    super().__init__((len(q_sequence), len(q_sequence)), shard_count=shard_count)
+  def __init__(self, q_sequence: np.ndarray):
+    super().__init__((len(q_sequence), len(q_sequence)))
     self.q_sequence = np.asarray(q_sequence, np.int32)
 
 
@@ -61,7 +61,7 @@ def prepare(cfg: ModelConfig, q_shape, mask: AttentionMask, interpret: bool, spe
   )
   head_shards, q_shards = degree("act_heads"), degree("length")
   q_sequence = load_balanced_order(length, order) if order > 1 else np.arange(length)
-  causal = _PermutedCausalMask(q_sequence, shard_count=1)
+  causal = _PermutedCausalMask(q_sequence)
   block_q = _block(cfg.attention_block_q, length // q_shards)
   block_kv = _block(cfg.attention_block_kv, length)
   sizes = kernels.BlockSizes(
