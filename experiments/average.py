@@ -1,8 +1,9 @@
 """Averages checkpoints of one architecture (Llama 3 paper, Sec. 4) into our Orbax format: models
 from runs on different data or hyperparameters, or the last steps of one training run (Polyak
-averaging of the annealing checkpoints), on the host's default device or in shards on a mesh.
+averaging of the annealing checkpoints), read and summed in shards on a mesh (--mesh; default:
+fsdp over every device).
 
-python experiments/average.py --checkpoint /tmp/sft-a --checkpoint /tmp/sft-b --weights 1,3 \
+python experiments/average.py --model /tmp/sft-a --model /tmp/sft-b --weights 1,3 \
   --output /tmp/sft-average
 python experiments/average.py --run_dir /ckpt/anneal --last_steps 4 --mesh fsdp=8 \
   --output /tmp/annealed
@@ -10,16 +11,16 @@ python experiments/average.py --run_dir /ckpt/anneal --last_steps 4 --mesh fsdp=
 
 import os
 
+import cli
 from absl import app, flags
 
-from llama3_jax.config import MeshConfig
 from llama3_jax.convert import save_orbax
 from llama3_jax.convert.orbax_io import is_orbax_checkpoint, run_steps
 from llama3_jax.parallel import make_mesh
 from llama3_jax.posttrain.averaging import average_checkpoints, normalized_weights
 
-_CHECKPOINT = flags.DEFINE_multi_string(
-  "checkpoint",
+_MODELS = flags.DEFINE_multi_string(
+  "model",
   [],
   "Checkpoint directory to average (ours, a training run's step, Hugging Face or Meta); repeat "
   "once per checkpoint.",
@@ -28,18 +29,15 @@ _RUN_DIR = flags.DEFINE_string(
   "run_dir", None, "A training run's --checkpoint_dir: average its last --last_steps steps."
 )
 _LAST_STEPS = flags.DEFINE_integer("last_steps", 0, "How many of --run_dir's newest steps.")
-_MESH = flags.DEFINE_string(
-  "mesh", None, "Read and sum the models in shards on this mesh, e.g. 'fsdp=4,tensor=2'."
-)
 _WEIGHTS = flags.DEFINE_list(
   "weights",
   None,
   "Comma-separated non-negative weights, one per model in the order --run_dir's steps (oldest "
-  "first), then each --checkpoint; default: uniform.",
+  "first), then each --model; default: uniform.",
 )
-_OUTPUT = flags.DEFINE_string(
-  "output", None, "Directory to write the averaged checkpoint to.", required=True
-)
+cli.define("mesh", "output")
+cli.required("output")
+FLAGS = flags.FLAGS
 _OVERWRITE = flags.DEFINE_bool(
   "overwrite", False, "Replace an existing llama3_jax checkpoint at --output."
 )
@@ -67,7 +65,7 @@ def _check_output_replaceable(output: str, overwrite: bool) -> None:
 
 def _checkpoints():
   """The step directories of --run_dir's last --last_steps steps (oldest first), then the
-  --checkpoint paths."""
+  --model paths."""
   paths = []
   if _RUN_DIR.value:
     steps = run_steps(_RUN_DIR.value)
@@ -77,22 +75,22 @@ def _checkpoints():
         f"{_RUN_DIR.value} ({steps}), got {_LAST_STEPS.value}"
       )
     paths += [os.path.join(_RUN_DIR.value, str(step)) for step in steps[-_LAST_STEPS.value :]]
-  paths += _CHECKPOINT.value
+  paths += _MODELS.value
   if not paths:
-    raise app.UsageError("Nothing to average: pass --checkpoint (repeated) or --run_dir")
+    raise app.UsageError("Nothing to average: pass --model (repeated) or --run_dir")
   return paths
 
 
 def main(argv):
   del argv
-  _check_output_replaceable(_OUTPUT.value, _OVERWRITE.value)
+  _check_output_replaceable(FLAGS.output, _OVERWRITE.value)
   paths, weights = _checkpoints(), _weights()
-  mesh = None if _MESH.value is None else make_mesh(MeshConfig.parse(_MESH.value))
+  mesh = make_mesh(cli.mesh_config())
   cfg, params = average_checkpoints(paths, weights, mesh=mesh)
-  save_orbax(_OUTPUT.value, cfg, params, overwrite=_OVERWRITE.value)
+  save_orbax(FLAGS.output, cfg, params, overwrite=_OVERWRITE.value)
   for path, fraction in zip(paths, normalized_weights(weights, len(paths))):
     print(f"{path}: weight {fraction:.6g}")
-  print(f"averaged {cfg.name} checkpoint written to {_OUTPUT.value}")
+  print(f"averaged {cfg.name} checkpoint written to {FLAGS.output}")
 
 
 if __name__ == "__main__":

@@ -14,51 +14,47 @@
 
 import time
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import llama3_jax as l3
-from llama3_jax.config import DataConfig, MeshConfig, OptimizerConfig, RunConfig, TrainConfig
+from llama3_jax.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from llama3_jax.model.attention import attend
 from llama3_jax.model.masks import AttentionMask
-from llama3_jax.parallel import make_mesh, mesh_context
-from llama3_jax.train import (
-  create_train_state,
-  learning_rate_schedule,
-  make_optimizer,
-  make_train_step,
-)
+from llama3_jax.parallel import make_mesh
+from llama3_jax.parallel.layout import Layout
+from llama3_jax.train import create_train_state, learning_rate_schedule, make_optimizer
 from llama3_jax.train.plan import GIB, compiled_plan
 
-_CONFIG = flags.DEFINE_string("config", "tiny", "Model preset (random weights).")
+cli.define("preset", "tiles", "memory")
+FLAGS = flags.FLAGS
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Row lengths.")
 _IMPLS = flags.DEFINE_list("impls", ["flash", "xla"], "Attention implementations to compare.")
-_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Tokens per row per head/loss chunk.")
 _TIME_LENGTH = flags.DEFINE_integer("time_length", 4096, "Row length of the timing (0: none).")
 _RUN_LENGTH = flags.DEFINE_integer("run_length", 0, "Run real flash train steps at this length.")
-_BLOCK = flags.DEFINE_integer("block", 512, "Query and key tile of the block-wise kernels.")
 
 
 def _cfg(impl: str, max_len: int):
   return l3.get_config(
-    _CONFIG.value,
+    FLAGS.config,
     attention_impl=impl,
-    attention_block_q=_BLOCK.value,
-    attention_block_kv=_BLOCK.value,
     max_seq_len=max(max_len, 8192),
+    **cli.model_overrides("attention_block", "remat"),
   )
+
+
+def _one_device_layout(cfg) -> Layout:
+  mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+  return Layout.build(cfg, mesh, TrainConfig(loss_chunk=FLAGS.loss_chunk))
 
 
 def _step_temporaries(impl: str, length: int) -> float:
-  run = RunConfig(
-    model=_cfg(impl, length),
-    mesh=MeshConfig(fsdp=1),
-    data=DataConfig(seq_len=length, global_batch_size=1),
-    train=TrainConfig(loss_chunk=_LOSS_CHUNK.value),
-  )
-  return compiled_plan(run, make_mesh(run.mesh, jax.devices()[:1]))[0].temporaries
+  layout = _one_device_layout(_cfg(impl, length))
+  data = DataConfig(seq_len=length, global_batch_size=1)
+  return compiled_plan(layout, OptimizerConfig(), data)[0].temporaries
 
 
 def _attention_seconds(impl: str, length: int) -> float:
@@ -83,37 +79,33 @@ def _attention_seconds(impl: str, length: int) -> float:
 
 def _run_steps(length: int) -> None:
   cfg = _cfg("flash", length)
-  mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+  layout = _one_device_layout(cfg)
   opt = OptimizerConfig(peak_lr=3e-3, warmup_steps=0, decay_steps=10)
   tx = make_optimizer(opt, 10)
-  state, _ = create_train_state(cfg, tx, mesh, jax.random.key(0))
+  state, _ = create_train_state(cfg, tx, layout.mesh, jax.random.key(0))
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, length + 1))
   batch = {
     "tokens": jnp.asarray(tokens, jnp.int32),
     "positions": jnp.arange(length + 1, dtype=jnp.int32)[None],
     "segment_ids": jnp.ones((1, length + 1), jnp.int32),
   }
-  train = TrainConfig(loss_chunk=_LOSS_CHUNK.value)
-  with mesh_context(mesh):
-    step = jax.jit(
-      make_train_step(cfg, train, tx, learning_rate_schedule(opt, 10)), donate_argnums=0
+  step = layout.jit_train_step(tx, learning_rate_schedule(opt, 10))
+  for i in range(2):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    loss = float(metrics["loss"])
+    print(
+      f"train step {i + 1} at T={length} (flash, loss chunk {FLAGS.loss_chunk}): loss "
+      f"{loss:.4f}, {time.perf_counter() - start:.1f}s ({'with compile' if i == 0 else 'run'})"
     )
-    for i in range(2):
-      start = time.perf_counter()
-      state, metrics = step(state, batch)
-      loss = float(metrics["loss"])
-      print(
-        f"train step {i + 1} at T={length} (flash, loss chunk {_LOSS_CHUNK.value}): loss "
-        f"{loss:.4f}, {time.perf_counter() - start:.1f}s ({'with compile' if i == 0 else 'run'})"
-      )
 
 
 def main(argv):
   del argv
   lengths = [int(n) for n in _LENGTHS.value]
   print(
-    f"{_CONFIG.value}: train step temporaries per device (GiB), batch 1, loss chunk "
-    f"{_LOSS_CHUNK.value}, tiles {_BLOCK.value}"
+    f"{FLAGS.config}: train step temporaries per device (GiB), batch 1, loss chunk "
+    f"{FLAGS.loss_chunk}, tiles {FLAGS.attention_block}"
   )
   print(f"{'T':>7} " + " ".join(f"{impl:>10} {'growth':>7}" for impl in _IMPLS.value))
   previous = {}
@@ -138,4 +130,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("attention_block", 512)
   app.run(main)

@@ -1,6 +1,6 @@
 """Prefill and decode throughput of our generation against Hugging Face transformers, same weights.
 
-  python experiments/bench_generate.py --config llama3-100m --batch 4 --prompt_len 128 --new_tokens 64
+  python experiments/bench_generate.py --config llama3-100m --batch_size 4 --prompt_len 128 --max_new_tokens 64
 
 Both run greedy on the CPU (or the JAX default device) in float32, side by side in one process;
 the best of --repeats timed runs is reported after a warm-up run.
@@ -9,6 +9,7 @@ the best of --repeats timed runs is reported after a warm-up run.
 import tempfile
 import time
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +22,10 @@ from llama3_jax.convert import save_hf
 from llama3_jax.inference import SamplingConfig, generate_tokens, prefill
 from llama3_jax.model import KVCache
 
-_CONFIG = flags.DEFINE_string("config", "llama3-100m", "Model preset (random weights).")
-_BATCH = flags.DEFINE_integer("batch", 4, "Rows per batch.")
+cli.define("preset", "generation")
+FLAGS = flags.FLAGS
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Prompts decoded together.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens decoded per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs; the best is reported.")
 
 
@@ -42,7 +43,7 @@ def _ours(cfg, params, tokens):
   batch, length = tokens.shape
   tokens_j, lengths = jnp.asarray(tokens), jnp.full((batch,), length, jnp.int32)
   prefill_jit = jax.jit(prefill, static_argnums=0)
-  cache = KVCache.empty(cfg, batch, length + _NEW_TOKENS.value)
+  cache = KVCache.empty(cfg, batch, length + FLAGS.max_new_tokens)
   prefill_s = _best_seconds(
     lambda: jax.block_until_ready(prefill_jit(cfg, params, tokens_j, lengths, cache)),
     _REPEATS.value,
@@ -55,7 +56,7 @@ def _ours(cfg, params, tokens):
         lengths,
         jax.random.key(0),
         cfg=cfg,
-        max_new_tokens=_NEW_TOKENS.value,
+        max_new_tokens=FLAGS.max_new_tokens,
         sampling=SamplingConfig(),
         stop_ids=(),
       )
@@ -74,7 +75,7 @@ def _hf(model, tokens):
   def run_all():
     out = run_prefill()
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(_NEW_TOKENS.value - 1):
+    for _ in range(FLAGS.max_new_tokens - 1):
       out = model(token, past_key_values=cache, use_cache=True)
       cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -86,7 +87,7 @@ def _hf(model, tokens):
 
 def main(argv):
   del argv
-  cfg = l3.get_config(_CONFIG.value, dtype="float32", param_dtype="float32")
+  cfg = l3.get_config(FLAGS.config, dtype="float32", param_dtype="float32")
   params = l3.init_params(cfg, jax.random.key(0))
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (_BATCH.value, _PROMPT_LEN.value))
   with tempfile.TemporaryDirectory() as hf_dir:
@@ -94,10 +95,10 @@ def main(argv):
     hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   ours, theirs = _ours(cfg, params, tokens), _hf(hf_model, tokens)
   prefill_tokens = _BATCH.value * _PROMPT_LEN.value
-  decode_tokens = _BATCH.value * (_NEW_TOKENS.value - 1)
+  decode_tokens = _BATCH.value * (FLAGS.max_new_tokens - 1)
   print(
     f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {_BATCH.value}, prompt "
-    f"{_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, float32, jax on "
+    f"{_PROMPT_LEN.value}, {FLAGS.max_new_tokens} new tokens, float32, jax on "
     f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
   )
   print(f"{'':8} {'llama3_jax tok/s':>17} {'HF tok/s':>10} {'ratio':>6}")
@@ -109,4 +110,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("config", "llama3-100m")
+  FLAGS.set_default("max_new_tokens", 64)
   app.run(main)

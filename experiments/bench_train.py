@@ -1,6 +1,6 @@
 """Train-step throughput against Hugging Face LlamaForCausalLM + torch AdamW on the same config.
 
-  python experiments/bench_train.py --config llama3-100m --batch 4 --seq_len 256
+  python experiments/bench_train.py --config llama3-100m --global_batch_size 4 --seq_len 256
 
 Reports tokens/s and achieved model TFLOP/s of both (median step), their ratio, the fraction of
 this machine's float32 matmul FLOP/s (best of 10, measured in the same run) each achieves, and the
@@ -9,6 +9,7 @@ speed-up over HF a step at that peak would give: the ceiling for any implementat
 
 import time
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,19 +20,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig, TrainConfig
 from llama3_jax.convert.hf import config_to_hf
-from llama3_jax.parallel import batch_sharding, make_mesh, mesh_context
-from llama3_jax.train import (
-  create_train_state,
-  learning_rate_schedule,
-  make_optimizer,
-  make_train_step,
-)
+from llama3_jax.parallel import make_mesh
+from llama3_jax.parallel.layout import Layout
+from llama3_jax.train import create_train_state, learning_rate_schedule, make_optimizer
 from llama3_jax.train.flops import train_flops_per_token
 
-_CONFIG = flags.DEFINE_string("config", "llama3-100m", "Model preset (random weights, float32).")
-_BATCH = flags.DEFINE_integer("batch", 4, "Rows per step.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after 2 warm-up steps.")
+cli.define("preset", "batch")
+FLAGS = flags.FLAGS
+_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps after 2 warm-up steps.")
 _MATMUL = flags.DEFINE_integer(
   "matmul_size", 2048, "Side of the square matmul measuring peak FLOP/s."
 )
@@ -63,29 +59,23 @@ def _matmul_tflops(n: int) -> float:
 
 
 def _ours(cfg, tokens) -> float:
-  mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+  layout = Layout.build(cfg, make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]), TrainConfig())
   opt = OptimizerConfig(warmup_steps=10, decay_steps=1000)
   tx = make_optimizer(opt, 1000)
-  state, shardings = create_train_state(cfg, tx, mesh, jax.random.key(0))
+  state, _ = create_train_state(cfg, tx, layout.mesh, jax.random.key(0))
   batch = {
     "tokens": jnp.asarray(tokens),
     "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
     "segment_ids": jnp.ones_like(jnp.asarray(tokens)),
   }
-  with mesh_context(mesh):
-    step = jax.jit(
-      make_train_step(cfg, TrainConfig(), tx, learning_rate_schedule(opt, 1000)),
-      in_shardings=(shardings, batch_sharding(mesh)),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-    )
-    holder = [state]
+  step = layout.jit_train_step(tx, learning_rate_schedule(opt, 1000))
+  holder = [state]
 
-    def run():
-      holder[0], metrics = step(holder[0], batch)
-      jax.block_until_ready(metrics)
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready(metrics)
 
-    return _seconds_per_call(run, _STEPS.value)
+  return _seconds_per_call(run, _STEPS.value)
 
 
 def _hf(cfg, tokens) -> float:
@@ -110,14 +100,16 @@ def _hf(cfg, tokens) -> float:
 
 def main(argv):
   del argv
-  cfg = l3.get_config(_CONFIG.value, dtype="float32", param_dtype="float32")
-  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (_BATCH.value, _SEQ_LEN.value + 1))
-  tokens_per_step = _BATCH.value * _SEQ_LEN.value
-  flops_per_step = train_flops_per_token(cfg, _SEQ_LEN.value) * tokens_per_step
+  cfg = l3.get_config(FLAGS.config, dtype="float32", param_dtype="float32")
+  tokens = np.random.RandomState(0).randint(
+    0, cfg.vocab_size, (FLAGS.global_batch_size, FLAGS.seq_len + 1)
+  )
+  tokens_per_step = FLAGS.global_batch_size * FLAGS.seq_len
+  flops_per_step = train_flops_per_token(cfg, FLAGS.seq_len) * tokens_per_step
   peak = _matmul_tflops(_MATMUL.value)
   ours, theirs = _ours(cfg, tokens), _hf(cfg, tokens)
   print(
-    f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {_BATCH.value} x {_SEQ_LEN.value} "
+    f"{cfg.name}: {l3.count_params(cfg):,} parameters, batch {FLAGS.global_batch_size} x {FLAGS.seq_len} "
     f"tokens, float32, jax on {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
   )
   print(f"measured float32 matmul peak ({_MATMUL.value}^3, jax): {peak:.3f} TFLOP/s")
@@ -134,4 +126,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("config", "llama3-100m")
+  FLAGS.set_default("global_batch_size", 4)
+  FLAGS.set_default("seq_len", 256)
   app.run(main)

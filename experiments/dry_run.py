@@ -11,50 +11,34 @@ this machine, such as the paper's 405B on 8,192 GPUs:
       --global_batch_size 768 --seq_len 8192 --remat full
   python experiments/dry_run.py --config llama3.1-405b --devices 8192 --estimate_only \\
       --mesh fsdp=64,pipeline=16,tensor=8 --global_batch_size 2048 --seq_len 8192 \\
-      --pipeline_micro_batches 16 --pipeline_interleave 2 --attention dot_product
+      --pipeline_micro_batches 16 --pipeline_interleave 2 --attention_impl dot_product
 """
 
 import dataclasses
 import os
 
+import cli
 import jax
 from absl import app, flags
 
 import llama3_jax as l3
-from llama3_jax.config import DataConfig, MeshConfig, RunConfig, TrainConfig
-from llama3_jax.config.mesh_config import MESH_AXES
-from llama3_jax.config.model_config import ATTENTION_IMPLS, REMAT_POLICIES
-from llama3_jax.parallel import make_mesh
+from llama3_jax.config import DataConfig, RunConfig, TrainConfig
+from llama3_jax.parallel import abstract_mesh, make_mesh
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.parallel.mesh import TPU_HBM_GIB, topology_devices
 from llama3_jax.train.flops import train_flops_per_token
 from llama3_jax.train.memory_estimate import estimated_memory
 from llama3_jax.train.plan import GIB, compiled_plan
-from llama3_jax.train.train_step import pipeline_schedule
 
-_CONFIG = flags.DEFINE_string("config", "llama3.1-8b", "Model preset.")
+cli.define("preset", "model", "mesh", "batch", "memory", "schedule")
+FLAGS = flags.FLAGS
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices to compile for.")
 _TOPOLOGY = flags.DEFINE_string(
   "topology", "", "TPU topology to compile for instead, e.g. v5e:2x2 or v6e:16x16 (needs libtpu)."
 )
-_MESH = flags.DEFINE_string("mesh", "", "Parallelism degrees, e.g. 'fsdp=4,tensor=2'.")
-_BATCH = flags.DEFINE_integer("global_batch_size", 8, "Rows per step.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per row.")
-_MICRO = flags.DEFINE_integer("micro_batches", 1, "Gradient accumulation micro-batches.")
-_PIPELINE_MICRO = flags.DEFINE_integer(
-  "pipeline_micro_batches", 0, "Micro-batches in flight through the pipeline (0: stages)."
-)
-_PIPELINE_INTERLEAVE = flags.DEFINE_integer(
-  "pipeline_interleave", 1, "Virtual pipeline stages per device."
-)
 _ESTIMATE_ONLY = flags.DEFINE_bool(
   "estimate_only", False, "Print the closed-form estimate only (no compile, any device count)."
 )
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (parameters stay float32).")
-_REMAT = flags.DEFINE_enum("remat", "full", list(REMAT_POLICIES), "Remat policy.")
-_ATTENTION = flags.DEFINE_enum(
-  "attention", "auto", list(ATTENTION_IMPLS), "Attention implementation (see ModelConfig)."
-)
-_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Tokens per row per head/loss chunk.")
 
 
 def main(argv):
@@ -73,55 +57,55 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   n_devices = len(devices) if devices else _DEVICES.value
   cfg = l3.get_config(
-    _CONFIG.value,
-    param_dtype="float32",
-    dtype=_DTYPE.value,
-    remat_policy=_REMAT.value,
-    attention_impl=_ATTENTION.value,
+    FLAGS.config, param_dtype="float32", **cli.model_overrides("attention_impl", "dtype", "remat")
   )
   run = RunConfig(
     model=cfg,
-    mesh=MeshConfig.parse(_MESH.value).resolved(n_devices),
-    data=DataConfig(seq_len=_SEQ_LEN.value, global_batch_size=_BATCH.value),
+    mesh=cli.mesh_config().resolved(n_devices),
+    data=DataConfig(seq_len=FLAGS.seq_len, global_batch_size=FLAGS.global_batch_size),
     train=TrainConfig(
-      micro_batches=_MICRO.value,
-      pipeline_micro_batches=_PIPELINE_MICRO.value,
-      pipeline_interleave=_PIPELINE_INTERLEAVE.value,
-      loss_chunk=_LOSS_CHUNK.value,
+      micro_batches=FLAGS.micro_batches,
+      pipeline_micro_batches=FLAGS.pipeline_micro_batches,
+      pipeline_interleave=FLAGS.pipeline_interleave,
+      loss_chunk=FLAGS.loss_chunk,
     ),
   )
-  degrees = dict(zip(MESH_AXES, run.mesh.degrees()))
+  mesh = (
+    abstract_mesh(run.mesh, n_devices) if _ESTIMATE_ONLY.value else make_mesh(run.mesh, devices)
+  )
+  layout = Layout.build(cfg, mesh, run.train)
   print(
-    f"{cfg.name} ({l3.count_params(cfg):,} parameters), mesh {degrees}, batch "
-    f"{_BATCH.value} x {_SEQ_LEN.value}, {_MICRO.value} micro-batches, {_DTYPE.value} compute, "
-    f"remat {_REMAT.value}, attention {_ATTENTION.value}, "
+    f"{cfg.name} ({l3.count_params(cfg):,} parameters), mesh {layout.degrees}, batch "
+    f"{FLAGS.global_batch_size} x {FLAGS.seq_len}, {FLAGS.micro_batches} micro-batches, "
+    f"{cfg.dtype} compute, remat {cfg.remat_policy}, attention {cfg.attention_impl}, "
     + (f"TPU topology {_TOPOLOGY.value} ({devices[0].device_kind})" if devices else "CPU devices")
   )
-  if run.mesh.pipeline > 1:
-    schedule = pipeline_schedule(run.train, run.mesh.pipeline)
+  if layout.schedule:
+    schedule = layout.schedule
     print(
       f"pipeline: {schedule.stages} stages x {schedule.interleave} virtual, "
       f"{schedule.micro_batches} micro-batches, bubble fraction {schedule.bubble_fraction:.3f}"
     )
-    try:
-      schedule.check(cfg.n_layers, _BATCH.value // _MICRO.value)
-    except ValueError as e:
-      if not _ESTIMATE_ONLY.value:
-        raise
-      print(f"  NOTE: {e}; the pipeline needs equal stages, the estimate rounds layers up")
-  model_flops = train_flops_per_token(cfg, _SEQ_LEN.value) * _BATCH.value * _SEQ_LEN.value
+  try:
+    layout.check_layers()
+    layout.check_batch(FLAGS.global_batch_size, FLAGS.seq_len)
+  except ValueError as e:
+    if not _ESTIMATE_ONLY.value:
+      raise
+    print(f"  NOTE: {e}; estimated regardless (layers rounded up to whole stages)")
+  model_flops = train_flops_per_token(cfg, FLAGS.seq_len) * FLAGS.global_batch_size * FLAGS.seq_len
   print(
     f"model FLOPs per step: {model_flops / 1e12:.2f} TFLOP, "
     f"{model_flops / n_devices / 1e12:.2f} TFLOP per device"
   )
-  estimate = estimated_memory(run, run.mesh, n_devices)
+  estimate = estimated_memory(layout, run.data)
   print(f"estimated per-device memory: {estimate.plan().summary()}")
   terms = dataclasses.asdict(estimate)
   print("  " + ", ".join(f"{name} {value / GIB:.2f}" for name, value in terms.items()) + " GiB")
   if _ESTIMATE_ONLY.value:
     return
   try:
-    memory, collectives = compiled_plan(run, make_mesh(run.mesh, devices))
+    memory, collectives = compiled_plan(layout, run.optimizer, run.data)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -142,4 +126,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  for name, default in [
+    ("config", "llama3.1-8b"),
+    ("seq_len", 2048),
+    ("dtype", "bfloat16"),
+    ("remat", "full"),
+  ]:
+    FLAGS.set_default(name, default)
   app.run(main)

@@ -10,6 +10,7 @@ numbers but says nothing about speed.
 
 import time
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,13 +20,14 @@ import llama3_jax as l3
 from llama3_jax.model.attention import attend, choose_impl
 from llama3_jax.model.masks import AttentionMask
 
+cli.define("tiles")
+FLAGS = flags.FLAGS
 _LENGTH = flags.DEFINE_integer("length", 4096, "Tokens per row.")
-_BATCH = flags.DEFINE_integer("batch", 2, "Rows.")
+_ROWS = flags.DEFINE_integer("rows", 2, "Rows (batch).")
 _HEADS = flags.DEFINE_integer("heads", 32, "Query heads.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
-_BLOCK = flags.DEFINE_integer("block", 128, "Query and key tile of the kernels.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (median) after one warm-up.")
+_TIMED = flags.DEFINE_integer("timed_calls", 5, "Timed calls (median) after one warm-up.")
 
 
 def _packed_rows(batch: int, length: int, rng):
@@ -42,9 +44,7 @@ def _packed_rows(batch: int, length: int, rng):
 
 
 def _cfg(impl: str):
-  return l3.get_config(
-    "tiny", attention_impl=impl, attention_block_q=_BLOCK.value, attention_block_kv=_BLOCK.value
-  )
+  return l3.get_config("tiny", attention_impl=impl, **cli.model_overrides("attention_block"))
 
 
 def _grad_fn(impl: str, mask, weights):
@@ -55,7 +55,7 @@ def _grad_fn(impl: str, mask, weights):
 def _median_seconds(fn, *args) -> float:
   jax.block_until_ready(fn(*args))
   times = []
-  for _ in range(_REPEATS.value):
+  for _ in range(_TIMED.value):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
@@ -65,7 +65,7 @@ def _median_seconds(fn, *args) -> float:
 def main(argv):
   del argv
   rng = np.random.RandomState(0)
-  b, t, h, g, k = _BATCH.value, _LENGTH.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+  b, t, h, g, k = _ROWS.value, _LENGTH.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
   positions, segments = _packed_rows(b, t, rng)
   mask = AttentionMask.self_attention(positions, segments, index_order=1)
   chosen = choose_impl(_cfg("gpu_flash"), t, t, mask)
@@ -101,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("attention_block", 128)
   app.run(main)

@@ -1,8 +1,9 @@
 """Rejection sampling (Llama 3 paper Sec. 4.2.2): for every prompt of a JSONL file, K responses
 sampled from the policy (the prompt prefilled once, its KV cache shared by the K samples), scored by
-a reward model (experiments/reward.py --output). Writes one JSONL row per prompt to --output: the
-best response as an SFT dialog {"messages": [..., assistant], "rewards": [...] (best first)}; and
-with --pairs_output a preference row {"prompt", "chosen": best, "rejected": worst} for DPO.
+a reward model (experiments/reward.py's --output, its --checkpoint_dir or one step of it). Writes
+one JSONL row per prompt to --output: the best response as an SFT dialog {"messages": [...,
+assistant], "rewards": [...] (best first)}; and with --pairs_output a preference row {"prompt",
+"chosen": best, "rejected": worst} for DPO.
 
   python experiments/rejection_sample.py --checkpoint /ckpt/sft --reward_model /runs/rm \\
       --prompts prompts.jsonl --samples 8 --output best.jsonl
@@ -10,38 +11,35 @@ with --pairs_output a preference row {"prompt", "chosen": best, "rejected": wors
 
 import json
 
+import cli
 import jax
 from absl import app, flags, logging
 
 import llama3_jax as l3
-from llama3_jax.config import MeshConfig
-from llama3_jax.convert import checkpoint_or_preset
+from llama3_jax.convert import load_checkpoint
 from llama3_jax.data.chat import read_jsonl
-from llama3_jax.posttrain.rejection import rejection_sample
+from llama3_jax.model.spec import REWARD
 from llama3_jax.parallel import make_mesh, mesh_context
-from llama3_jax.posttrain.reward import load_reward_model, shard_reward_params
+from llama3_jax.parallel.layout import Layout
+from llama3_jax.posttrain.rejection import rejection_sample
 from llama3_jax.tokenizer.chat_format import Message
 
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "Policy weights: ours, a training run's (e.g. SFT) step, HF or Meta."
+cli.define("checkpoint", "preset", "model", "mesh", "generation", "sampling", "output")
+cli.required("output")
+FLAGS = flags.FLAGS
+_REWARD_MODEL = flags.DEFINE_string(
+  "reward_model",
+  None,
+  "A reward model: reward.py's --output, its --checkpoint_dir (newest step) or one step of it.",
+  required=True,
 )
-_CONFIG = flags.DEFINE_string(
-  "config", "tiny", "Preset to initialise randomly without a checkpoint."
-)
-_REWARD_MODEL = flags.DEFINE_string("reward_model", None, "From reward.py --output.", required=True)
 _PROMPTS = flags.DEFINE_string(
   "prompts", None, 'JSONL of {"prompt": [messages]} (or "messages").', required=True
 )
-_OUTPUT = flags.DEFINE_string("output", None, "JSONL to write.", required=True)
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Responses sampled per prompt (K).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature.")
-_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens per response at most.")
 _PAIRS = flags.DEFINE_string(
   "pairs_output", None, "Also write best vs worst preference rows (for DPO) here."
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_MESH = flags.DEFINE_string("mesh", "", "Parallelism degrees, e.g. 'fsdp=2,tensor=2'.")
 
 
 def _prompt(row):
@@ -63,14 +61,14 @@ def _pair(prompt_rows, scored):
 def main(argv):
   del argv
   chat = l3.ChatFormat(l3.Tokenizer.default())
-  mesh = make_mesh(MeshConfig.parse(_MESH.value))
-  cfg, params = checkpoint_or_preset(_CHECKPOINT.value, _CONFIG.value, _SEED.value, mesh)
-  reward_cfg, reward_params = load_reward_model(_REWARD_MODEL.value)
-  reward_params = shard_reward_params(reward_params, reward_cfg, mesh)
-  sampling = l3.SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
-  rng = jax.random.key(_SEED.value)
+  mesh = make_mesh(cli.mesh_config())
+  cfg, params = cli.load_model(mesh)
+  layout = Layout.build(cfg, mesh)
+  reward_cfg, reward_params = load_checkpoint(_REWARD_MODEL.value, mesh=mesh, kind=REWARD.kind)
+  sampling = cli.sampling_config()
+  rng = jax.random.key(FLAGS.seed)
   pairs = open(_PAIRS.value, "w") if _PAIRS.value else None
-  with open(_OUTPUT.value, "w") as out, mesh_context(mesh):
+  with open(FLAGS.output, "w") as out, mesh_context(mesh):
     for number, prompt in enumerate(read_jsonl(_PROMPTS.value, _prompt), start=1):
       rng, prompt_rng = jax.random.split(rng)
       scored = rejection_sample(
@@ -81,9 +79,10 @@ def main(argv):
         reward_params,
         prompt,
         samples=_SAMPLES.value,
-        max_new_tokens=_MAX_NEW.value,
+        max_new_tokens=FLAGS.max_new_tokens,
         sampling=sampling,
         rng=prompt_rng,
+        layout=layout,
       )
       as_dicts = [{"role": m.role, "content": m.content} for m in prompt]
       out.write(json.dumps(_best_dialog(as_dicts, scored)) + "\n")
@@ -92,7 +91,7 @@ def main(argv):
       logging.info("prompt %d: rewards %s", number, ", ".join(f"{s.reward:.3f}" for s in scored))
   if pairs:
     pairs.close()
-  print(f"wrote {number} rows to {_OUTPUT.value}")
+  print(f"wrote {number} rows to {FLAGS.output}")
 
 
 if __name__ == "__main__":

@@ -1,56 +1,55 @@
 """Trains a reward model (Llama 3 paper Sec. 4.1.2): a language model's backbone and a scalar head
 on preference JSONL rows {"prompt": [messages], "chosen": ..., "rejected": ..., "edited"?: ...};
 the Bradley-Terry loss over every pair the ranking implies, a prompt and its responses packed in
-one row. Prints the held-out pairwise accuracy; --checkpoint_dir saves and resumes the train state.
+one row. Prints the held-out pairwise accuracy; --checkpoint_dir saves and resumes the train state,
+--output writes the reward model (read by rejection_sample.py, or `l3.load_checkpoint(path,
+kind="reward")`).
 
-  python experiments/reward.py --init_checkpoint /runs/sft --data prefs.jsonl --mesh fsdp=8
+  python experiments/reward.py --checkpoint /runs/sft --data prefs.jsonl --mesh fsdp=8
 """
 
 import functools
 
+import cli
 import jax
-import numpy as np
-import preference_training as run
-from absl import app, logging
+from absl import app, flags, logging
 
 import llama3_jax as l3
-from llama3_jax.posttrain.reward import (
-  RewardModel,
-  preference_rows,
-  reward_loss,
-  reward_params_from_lm,
-  save_reward_model,
-)
+from llama3_jax.convert import save_orbax
+from llama3_jax.model.spec import REWARD, reward_params_from_lm
+from llama3_jax.parallel import make_mesh
+from llama3_jax.posttrain.reward import preference_rows, reward_loss
 from llama3_jax.posttrain.trainer import with_values
+
+cli.define("checkpoint", "preset", "model", "mesh", "batch", "training", "output")
+cli.required("data")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  cli.quiet_libraries()
   chat = l3.ChatFormat(l3.Tokenizer.default())
-  cfg, lm_params = run.load_model()
-  train_prefs, held_out = run.preferences()
-  train_rows = preference_rows(chat, train_prefs, run.SEQ_LEN.value)
-  eval_rows = preference_rows(chat, held_out, run.SEQ_LEN.value)
+  mesh = make_mesh(cli.mesh_config())
+  cfg, lm_params = cli.load_model(mesh, param_dtype="float32")
+  train_prefs, held_out = cli.read_preferences()
+  train_rows = preference_rows(chat, train_prefs, FLAGS.seq_len)
+  eval_rows = preference_rows(chat, held_out, FLAGS.seq_len)
   logging.info("%d training and %d held-out preferences", len(train_prefs), len(held_out))
 
-  params = reward_params_from_lm(lm_params, cfg, jax.random.key(run.SEED.value + 1))
-  boxed = jax.eval_shape(
-    lambda: RewardModel(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]
-  )
-  trainer = run.make_trainer(with_values(boxed, params), functools.partial(reward_loss, cfg=cfg))
-  before, after = run.train(
-    trainer,
-    train_rows,
-    eval_rows,
-    lambda r: (
-      f"loss {r['loss']:.4f} | accuracy {r['accuracy']:.3f} | "
-      f"held-out accuracy {r['eval_accuracy']:.3f}"
-    ),
+  # The language model's arrays, in their shards, and a new head created in its shard.
+  params = reward_params_from_lm(cfg, lm_params, jax.random.key(FLAGS.seed + 1), mesh)
+  trainer = cli.make_trainer(
+    with_values(REWARD.param_shapes(cfg), params),
+    functools.partial(reward_loss, cfg=cfg),
     cfg,
+    mesh,
   )
-  if run.OUTPUT.value:
-    save_reward_model(run.OUTPUT.value, cfg, trainer.state.params)
-    logging.info("Reward model written to %s", run.OUTPUT.value)
+  shown = ("loss", "accuracy", "eval_accuracy")
+  before, after = cli.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, REWARD.kind)
+  if FLAGS.output:
+    save_orbax(FLAGS.output, cfg, trainer.state.params, kind=REWARD.kind)
+    logging.info("Reward model written to %s", FLAGS.output)
   print(
     f"held-out pairwise accuracy {before['eval_accuracy']:.3f} at step {before['step']}, "
     f"{after['eval_accuracy']:.3f} at step {after['step']} ({len(held_out)} preferences)"
@@ -58,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("lr", 1e-5)
   app.run(main)

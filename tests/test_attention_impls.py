@@ -21,6 +21,7 @@ from llama3_jax.config import MeshConfig, TrainConfig
 from llama3_jax.model import attention, flash
 from llama3_jax.model.masks import AttentionMask
 from llama3_jax.parallel import batch_sharding, init_sharded_params, make_mesh, mesh_context
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import loss_sums_and_grads
 
 # impl: (row length, attention_block_q, attention_block_kv). flash's blocks divide neither the row
@@ -158,8 +159,9 @@ def _params_and_batch(cfg, mesh, length):
 
 def _training_grads(cfg, mesh, params, batch):
   """(cross-entropy sum, target count, gradients) as numpy."""
+  layout = Layout.build(cfg, mesh, MESH_TRAIN)
   with mesh_context(mesh):
-    grads_fn = jax.jit(functools.partial(loss_sums_and_grads, model_cfg=cfg, train_cfg=MESH_TRAIN))
+    grads_fn = jax.jit(functools.partial(loss_sums_and_grads, layout=layout))
     return jax.tree.map(np.asarray, grads_fn(params, batch))
 
 

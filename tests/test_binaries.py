@@ -55,7 +55,7 @@ def test_convert_binary_orbax_to_hf_keeps_every_tensor(tmp_path):
   cfg = l3.get_config("test-3.2")
   params = l3.init_params(cfg, jax.random.key(12))
   l3.save_orbax(str(tmp_path / "ours"), cfg, params)
-  _run("convert.py", f"--input={tmp_path / 'ours'}", f"--output={tmp_path / 'hf'}", "--to=hf")
+  _run("convert.py", f"--checkpoint={tmp_path / 'ours'}", f"--output={tmp_path / 'hf'}", "--to=hf")
   loaded_cfg, loaded = l3.load_checkpoint(str(tmp_path / "hf"))
   # Hugging Face configs carry neither our preset name nor a compute dtype.
   assert loaded_cfg.replace(name=cfg.name, dtype=cfg.dtype) == cfg

@@ -14,11 +14,16 @@ from packed_rows import packed_batches
 import llama3_jax as l3
 from llama3_jax.config import DataConfig, MeshConfig, RunConfig, TrainConfig
 from llama3_jax.parallel import make_mesh, mesh_context
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import loss_sums_and_grads
 from llama3_jax.train.loss import chunked_log_probs, log_prob_sums
 from llama3_jax.train.plan import compiled_plan
 
 CFG = l3.get_config("test-3.1", dtype="float32")
+
+
+def _one_device(train: TrainConfig) -> Layout:
+  return Layout.build(CFG, make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]), train)
 
 
 def _close(a, b, scale=1e-6):
@@ -53,11 +58,12 @@ def test_train_step_loss_and_gradients_equal_unchunked_with_documents_and_masked
   params = l3.init_params(CFG, jax.random.key(1))
   batch = packed_batches(1, 4, 30, CFG.vocab_size, seed=3)[0]
   batch["targets"] = (np.random.RandomState(1).rand(*batch["tokens"].shape) > 0.4).astype(np.int32)
-  fn = jax.jit(loss_sums_and_grads, static_argnums=(2, 3))
+  fn = jax.jit(loss_sums_and_grads, static_argnums=2)
   train = TrainConfig(z_loss_weight=1e-2, loss_chunk=0)
-  ce, count, grads = fn(params, batch, CFG, train)
+  ce, count, grads = fn(params, batch, _one_device(train))
   for chunk in (4, 7):
-    ce_c, count_c, grads_c = fn(params, batch, CFG, dataclasses.replace(train, loss_chunk=chunk))
+    layout = _one_device(dataclasses.replace(train, loss_chunk=chunk))
+    ce_c, count_c, grads_c = fn(params, batch, layout)
     assert int(count_c) == int(count) > 0
     assert float(ce_c) == pytest.approx(float(ce), rel=1e-6)
     jax.tree.map(_close, grads_c, grads)
@@ -67,13 +73,15 @@ def test_chunked_loss_under_context_parallelism_equals_one_device():
   params = l3.init_params(CFG, jax.random.key(2))
   batch = packed_batches(1, 4, 33, CFG.vocab_size, seed=4)[0]
   train = TrainConfig(z_loss_weight=1e-2, loss_chunk=0)
-  ce, count, grads = jax.jit(loss_sums_and_grads, static_argnums=(2, 3))(params, batch, CFG, train)
+  ce, count, grads = jax.jit(loss_sums_and_grads, static_argnums=2)(
+    params, batch, _one_device(train)
+  )
   mesh = make_mesh(MeshConfig.parse("fsdp=2,context=2"), jax.devices()[:4])
+  layout = Layout.build(CFG, mesh, dataclasses.replace(train, loss_chunk=3))
   with mesh_context(mesh):
-    fn = functools.partial(
-      loss_sums_and_grads, model_cfg=CFG, train_cfg=dataclasses.replace(train, loss_chunk=3)
+    ce_c, count_c, grads_c = jax.jit(functools.partial(loss_sums_and_grads, layout=layout))(
+      params, batch
     )
-    ce_c, count_c, grads_c = jax.jit(fn)(params, batch)
   assert int(count_c) == int(count)
   assert float(ce_c) == pytest.approx(float(ce), rel=1e-5)
   jax.tree.map(lambda a, b: _close(a, b, 1e-5), grads_c, grads)
@@ -90,7 +98,8 @@ def test_chunked_head_drops_step_temporaries_by_the_logits_size():
       data=DataConfig(seq_len=length, global_batch_size=1),
       train=TrainConfig(loss_chunk=chunk),
     )
-    return compiled_plan(run, make_mesh(run.mesh, jax.devices()[:1]))[0].temporaries
+    layout = Layout.build(cfg, make_mesh(run.mesh, jax.devices()[:1]), run.train)
+    return compiled_plan(layout, run.optimizer, run.data)[0].temporaries
 
   logits_bytes = length * cfg.vocab_size * 4
   assert temporaries(0) - temporaries(256) > logits_bytes

@@ -99,7 +99,7 @@ def test_context_parallel_prefill_equals_one_device(impl):
   tokens, lengths = pad_prompts(prompts, 64)
   params = l3.init_params(cfg, jax.random.key(0))
   empty = KVCache.empty(cfg, 2, 72)
-  run_prefill = jax.jit(prefill, static_argnums=0)
+  run_prefill = jax.jit(prefill, static_argnums=0, static_argnames="context_degree")
   logits, cache = run_prefill(cfg, params, tokens, lengths, empty)
   greedy = l3.SamplingConfig(temperature=0.0)
   continuation = l3.generate(cfg, params, prompts, max_new_tokens=8, sampling=greedy)
@@ -107,8 +107,10 @@ def test_context_parallel_prefill_equals_one_device(impl):
   mesh = make_mesh(MeshConfig.parse("fsdp=2,context=4"))
   sharded_params = init_sharded_params(cfg, mesh, jax.random.key(0))
   with mesh_context(mesh):
-    cp_logits, cp_cache = run_prefill(cfg, sharded_params, tokens, lengths, empty)
-    cp_continuation = l3.generate(cfg, sharded_params, prompts, max_new_tokens=8, sampling=greedy)
+    cp_logits, cp_cache = run_prefill(cfg, sharded_params, tokens, lengths, empty, context_degree=4)
+    cp_continuation = l3.generate(
+      cfg, sharded_params, prompts, max_new_tokens=8, sampling=greedy, context_degree=4
+    )
   np.testing.assert_allclose(np.asarray(cp_logits), np.asarray(logits), rtol=0, atol=1e-5)
   order = load_balanced_order(64, 4)
   for name in ("k", "v", "positions", "segment_ids"):

@@ -5,6 +5,7 @@ test_posttrain_round.py."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,14 @@ import llama3_jax as l3
 from llama3_jax.config import MeshConfig
 from llama3_jax.data.chat import parse_preference_row
 from llama3_jax.parallel import make_mesh, shard_params
-from llama3_jax.posttrain.dpo import DPOConfig, token_logps
-from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, response_logps
+from llama3_jax.parallel.layout import Layout
+from llama3_jax.config import DPOConfig
+from llama3_jax.posttrain.dpo_rows import (
+  dpo_objective,
+  dpo_rows,
+  response_logps,
+  with_reference_logps,
+)
 from llama3_jax.posttrain.trainer import Trainer, with_values
 
 TOKENIZER = l3.Tokenizer.default()
@@ -62,9 +69,8 @@ def test_one_forward_scores_each_response_as_its_own_row_without_formatting_toke
       assert not formatting & set(marked)
       response = CHAT.encode_message(message)[len(header) :]
       alone = jnp.asarray([prompt + response])
-      logps = token_logps(
-        l3.Transformer(CFG).apply({"params": params}, alone)[:, :-1], alone[:, 1:]
-      )
+      log_softmax = jax.nn.log_softmax(l3.Transformer(CFG).apply({"params": params}, alone)[:, :-1])
+      logps = jnp.take_along_axis(log_softmax, alone[:, 1:, None], axis=-1)[..., 0]
       content = slice(len(prompt) - 1, len(prompt) + len(response) - 2)  # predicting all but eot
       np.testing.assert_allclose(float(packed), float(logps[0, content].sum()), rtol=1e-5)
     chosen_response = CHAT.encode_message(preference.ranked[0])[len(header) :]
@@ -98,8 +104,23 @@ def test_trainer_with_a_frozen_sharded_reference_equals_precomputed_on_one_devic
     with_values(l3.param_shapes(CFG), policy),
     functools.partial(dpo_objective, cfg=CFG, dpo_cfg=DPOConfig()),
     optax.sgd(0.0),
-    mesh,
+    Layout.build(CFG, mesh),
     frozen={"reference_params": shard_params(params, CFG, mesh)},
   )
   loss, _ = trainer.evaluate(rows)
   np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
+
+
+def test_reference_logps_cover_every_row_when_rows_do_not_fill_the_last_batch(params):
+  """5 rows in passes of 2 on a 2-way fsdp mesh: every row gets its own reference log-probs
+  (dpo.py used to drop the row that did not fill a pass, from training too)."""
+  rows = dpo_rows(CHAT, PREFERENCES * 3, 64)
+  rows = {k: v[:5] for k, v in rows.items()}
+  mesh = make_mesh(MeshConfig.parse("fsdp=2"), jax.devices()[:2])
+  scored = with_reference_logps(rows, shard_params(params, CFG, mesh), CFG, mesh, 2)
+  chosen, rejected, _ = response_logps(params, _as_jax(rows), CFG)
+  assert set(scored) == set(rows) | {"ref_chosen", "ref_rejected"}
+  assert all(len(v) == 5 for v in scored.values())
+  chex.assert_trees_all_close(
+    (scored["ref_chosen"], scored["ref_rejected"]), (chosen, rejected), rtol=1e-5
+  )

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama3_jax.posttrain.dpo import DPOConfig, dpo_loss, sequence_logps, token_logps
+from llama3_jax.config import DPOConfig
+from llama3_jax.posttrain.dpo import dpo_loss, response_sums
+from llama3_jax.train.loss import chunked_log_probs
 
 B, T, V = 8, 12, 17
 
@@ -68,6 +70,17 @@ def random_sequences(seed):
 def np_sequence_logps(logits, targets, mask):
   picked = np.take_along_axis(np_log_softmax(logits), targets[..., None], axis=-1)[..., 0]
   return np.sum(picked * mask, axis=-1), np.sum(mask, axis=-1)
+
+
+def token_logps(logits_BTV, targets_BT):
+  """log p(target) [B, T] by the train step's chunked head (the logits standing in for hidden
+  states, the head the identity; chunks of 3 tokens)."""
+  return chunked_log_probs(lambda x: x, logits_BTV, targets_BT, 3)[0]
+
+
+def sequence_logps(logits_BTV, targets_BT, mask_BT):
+  """(masked sum [B], count [B]) as DPO scores a response: chunked log-probs, `response_sums`."""
+  return response_sums(token_logps(logits_BTV, targets_BT), mask_BT)
 
 
 def test_plain_dpo_equals_standard_loss():

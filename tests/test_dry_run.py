@@ -77,7 +77,7 @@ def test_estimate_only_for_the_paper_405b_layouts(devices, flags):
     "--config=llama3.1-405b",
     f"--devices={devices}",
     "--estimate_only",
-    "--attention=dot_product",
+    "--attention_impl=dot_product",
     *flags,
   )
   assert result.returncode == 0, result.stderr[-3000:]

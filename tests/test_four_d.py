@@ -71,7 +71,7 @@ def _pretrain(tmp_path, name: str, devices: int, mesh: str):
       "--seq_len=32",
       "--lr=3e-3",
       "--eval_every=0",
-      "--sample_tokens=0",
+      "--max_new_tokens=0",
       f"--mesh={mesh}",
       f"--metrics_file={metrics}",
     ],

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import yaml
+from binary_flags import binary_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
@@ -16,11 +17,6 @@ JOBSETS = sorted(glob.glob(os.path.join(REPO, "launch", "*.yaml")))
 
 _BINARY = re.compile(r"experiments/(\w+)\.py")
 _FLAG = re.compile(r"(?<![\w-])--([A-Za-z]\w*)")
-
-
-def _defined_flags(binary):
-  with open(os.path.join(REPO, "experiments", f"{binary}.py")) as f:
-    return set(re.findall(r"flags\.DEFINE_\w+\(\s*\"(\w+)\"", f.read()))
 
 
 def _invocations(command_line):
@@ -33,7 +29,7 @@ def _invocations(command_line):
 def _check(invocations):
   assert invocations, "runs no experiments/*.py binary"
   for binary, used in invocations:
-    defined = _defined_flags(binary)
+    defined = binary_flags(binary)
     # A boolean flag may also be given as --noNAME.
     unknown = {f for f in used if f not in defined and f.removeprefix("no") not in defined}
     assert not unknown, f"{binary}.py defines no flag {sorted(unknown)}"

@@ -16,13 +16,13 @@ import llama3_jax as l3
 from llama3_jax.config import RunConfig
 from llama3_jax.data import make_pipeline
 from llama3_jax.parallel import batch_sharding, make_mesh, mesh_context
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import (
   RunCheckpointer,
   abstract_train_state,
   create_train_state,
   learning_rate_schedule,
   make_optimizer,
-  make_train_step,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def _pretrain(tmp_path, extra, devices: int):
     "--seq_len=32",
     "--lr=3e-3",
     "--eval_every=0",
-    "--sample_tokens=0",
+    "--max_new_tokens=0",
     "--mesh=fsdp=8",
     f"--save_every={STEPS}",
     f"--checkpoint_dir={tmp_path / 'run'}",
@@ -80,17 +80,14 @@ def _reference(run: RunConfig):
   initialisation: (per-step losses, final state)."""
   mesh = make_mesh(run.mesh)
   tx = make_optimizer(run.optimizer, run.train.steps)
-  state, shardings = create_train_state(run.model, tx, mesh, jax.random.key(run.data.seed))
+  state, _ = create_train_state(run.model, tx, mesh, jax.random.key(run.data.seed))
   tokenizer = l3.Tokenizer.default()
   shards = [
     make_pipeline(run.data, tokenizer, split="train", process_index=i, process_count=2)
     for i in range(2)
   ]
-  step = jax.jit(
-    make_train_step(run.model, run.train, tx, learning_rate_schedule(run.optimizer, STEPS)),
-    in_shardings=(shardings, batch_sharding(mesh)),
-    out_shardings=(shardings, None),
-  )
+  layout = Layout.build(run.model, mesh, run.train)
+  step = layout.jit_train_step(tx, learning_rate_schedule(run.optimizer, STEPS))
   losses = []
   with mesh_context(mesh):
     for _ in range(STEPS):
@@ -112,6 +109,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(two_proces
   assert checkpointer.latest_step() == STEPS
   stored = checkpointer.stored_config(STEPS)
   assert stored.pop("process_count") == 2
+  assert stored.pop("model_kind") == "lm"
   run = RunConfig.from_dict(stored)
   losses, state, mesh, tx = _reference(run)
   np.testing.assert_allclose(two_process_losses, losses, rtol=1e-5)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import llama3_jax as l3
-from llama3_jax.config import OptimizerConfig, TrainConfig
+from llama3_jax.config import MeshConfig, OptimizerConfig, TrainConfig
+from llama3_jax.parallel import make_mesh
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import (
   TrainState,
   cross_entropy_sums,
@@ -108,6 +110,10 @@ def test_no_target_across_documents_or_on_padding():
 CFG = l3.get_config("test-3.0")
 
 
+def _one_device(train: TrainConfig) -> Layout:
+  return Layout.build(CFG, make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]), train)
+
+
 def _batch(seed=0, rows=8, length=17):
   rng = np.random.RandomState(seed)
   segment_ids = np.repeat(np.array([[1] * 9 + [2] * 8]), rows, 0)
@@ -121,9 +127,9 @@ def _batch(seed=0, rows=8, length=17):
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient():
   params = l3.init_params(CFG, jax.random.key(0))
-  fn = jax.jit(loss_sums_and_grads, static_argnums=(2, 3))
-  ce1, n1, g1 = fn(params, _batch(), CFG, TrainConfig(micro_batches=1))
-  ce4, n4, g4 = fn(params, _batch(), CFG, TrainConfig(micro_batches=4))
+  fn = jax.jit(loss_sums_and_grads, static_argnums=2)
+  ce1, n1, g1 = fn(params, _batch(), _one_device(TrainConfig(micro_batches=1)))
+  ce4, n4, g4 = fn(params, _batch(), _one_device(TrainConfig(micro_batches=4)))
   assert int(n1) == int(n4) == 8 * 15
   assert float(ce4) == pytest.approx(float(ce1), rel=1e-6)
   jax.tree.map(
@@ -135,7 +141,7 @@ def test_nonfinite_step_is_skipped_and_counted():
   opt = OptimizerConfig(peak_lr=1e-3, warmup_steps=0, decay_steps=10)
   tx = make_optimizer(opt, 10)
   params = l3.init_params(CFG, jax.random.key(0))
-  step = jax.jit(make_train_step(CFG, TrainConfig(), tx, learning_rate_schedule(opt, 10)))
+  step = jax.jit(make_train_step(_one_device(TrainConfig()), tx, learning_rate_schedule(opt, 10)))
   state, metrics = step(TrainState.create(params, tx), _batch())
   assert not bool(metrics["skipped"]) and int(state.step) == 1
   poisoned = jax.tree.map(lambda x: x, state.params)

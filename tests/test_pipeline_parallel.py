@@ -17,6 +17,7 @@ from llama3_jax.parallel import (
   make_mesh,
   mesh_context,
 )
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import loss_sums_and_grads
 from llama3_jax.train.loop import train
 from llama3_jax.train.plan import compiled_plan
@@ -59,7 +60,7 @@ def loss_and_grads(model_cfg, layout: str, train_cfg: TrainConfig):
   [batch] = packed_batches(1, ROWS, ROW, model_cfg.vocab_size)
   batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh)), batch)
   with mesh_context(mesh):
-    fn = functools.partial(loss_sums_and_grads, model_cfg=model_cfg, train_cfg=train_cfg)
+    fn = functools.partial(loss_sums_and_grads, layout=Layout.build(model_cfg, mesh, train_cfg))
     ce_sum, count, grads = jax.jit(fn)(params, batch)
   return float(ce_sum), int(count), jax.tree.map(np.asarray, grads)
 
@@ -109,7 +110,7 @@ def test_stages_hold_their_layers_and_pass_activations_by_permute():
   mesh = make_mesh(run.mesh)
   wq = init_sharded_params(CFG, mesh, jax.random.key(0))["layers"]["attention"]["wq"]
   assert {shard.data.shape[0] for shard in wq.addressable_shards} == {CFG.n_layers // 4}
-  _, collectives = compiled_plan(run, mesh)
+  _, collectives = compiled_plan(Layout.build(CFG, mesh, run.train), run.optimizer, run.data)
   assert collectives.get("collective-permute", 0) >= 1
 
 

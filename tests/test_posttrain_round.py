@@ -106,13 +106,14 @@ def reward_model(work, sft):
   """Reward model from the SFT checkpoint: (its --output, step records, stdout)."""
   done = _run(
     "reward.py",
-    f"--init_checkpoint={sft[0]}",
+    f"--checkpoint={sft[0]}",
     f"--data={work / 'prefs.jsonl'}",
     MESH,
     "--steps=12",
-    "--batch_size=8",
+    "--global_batch_size=8",
     "--seq_len=48",
     "--lr=1e-3",
+    "--held_out_fraction=0.1",
     "--eval_every=6",
     f"--checkpoint_dir={work / 'rm_run'}",
     "--save_every=6",
@@ -135,6 +136,7 @@ def rejection(work, sft, reward_model):
     f"--pairs_output={work / 'pairs.jsonl'}",
     "--samples=4",
     "--max_new_tokens=6",
+    "--temperature=0.8",
     MESH,
   )
   return prompts, _records(work / "best.jsonl"), _records(work / "pairs.jsonl")
@@ -148,11 +150,11 @@ def dpo(work, sft, rejection):
   data = _write_jsonl(work / "dpo.jsonl", list(_preferences(96)) + rejection[2])
   done = _run(
     "dpo.py",
-    f"--init_checkpoint={sft[0]}",
+    f"--checkpoint={sft[0]}",
     f"--data={data}",
     MESH,
     "--steps=8",
-    "--batch_size=8",
+    "--global_batch_size=8",
     "--seq_len=40",
     "--lr=1e-4",
     "--eval_every=8",
@@ -229,7 +231,7 @@ def test_polyak_average_of_sft_steps_and_dpo_policy_on_a_mesh(work, sft, dpo):
     "average.py",
     f"--run_dir={sft[0]}",
     "--last_steps=2",
-    f"--checkpoint={dpo[0]}",
+    f"--model={dpo[0]}",
     "--weights=1,1,2",
     MESH,
     f"--output={output}",

@@ -49,7 +49,7 @@ def _pretrain_command(directory, metrics_file, save_every=5):
     "--lr=3e-3",
     f"--save_every={save_every}",
     "--eval_every=0",
-    "--sample_tokens=0",
+    "--max_new_tokens=0",
     f"--checkpoint_dir={directory}",
     f"--metrics_file={metrics_file}",
   ]

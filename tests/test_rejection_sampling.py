@@ -9,8 +9,9 @@ import pytest
 
 import llama3_jax as l3
 from llama3_jax.inference.generate import pad_prompts
+from llama3_jax.model.spec import reward_params_from_lm
 from llama3_jax.posttrain.rejection import rejection_sample, sample_from_one_prefill
-from llama3_jax.posttrain.reward import RewardModel, reward_params_from_lm
+from llama3_jax.posttrain.reward import RewardModel
 from llama3_jax.tokenizer.chat_format import Message
 
 TOKENIZER = l3.Tokenizer.default()
@@ -22,7 +23,7 @@ PROMPT = [Message("user", "Name a colour.")]
 @pytest.fixture(scope="module")
 def models():
   policy = l3.init_params(CFG, jax.random.key(0))
-  reward = reward_params_from_lm(l3.init_params(CFG, jax.random.key(1)), CFG, jax.random.key(2))
+  reward = reward_params_from_lm(CFG, l3.init_params(CFG, jax.random.key(1)), jax.random.key(2))
   return policy, reward
 
 

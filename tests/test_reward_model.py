@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 
 import llama3_jax as l3
-from llama3_jax.posttrain.reward import (
-  RewardModel,
-  bradley_terry_loss,
-  pack_responses,
-  reward_params_from_lm,
-)
+from llama3_jax.model.spec import reward_params_from_lm
+from llama3_jax.posttrain.reward import RewardModel, bradley_terry_loss, pack_responses
 
 CFG = l3.get_config("test-3.1")
 
@@ -21,7 +17,7 @@ CFG = l3.get_config("test-3.1")
 @pytest.fixture(scope="module")
 def params():
   lm = l3.init_params(CFG, jax.random.key(0))
-  return reward_params_from_lm(lm, CFG, jax.random.key(1))
+  return reward_params_from_lm(CFG, lm, jax.random.key(1))
 
 
 def test_params_are_the_backbone_of_the_language_model_and_a_scalar_head(params):

@@ -10,12 +10,12 @@ from packed_rows import packed_batches
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig, TrainConfig
 from llama3_jax.parallel import batch_sharding, make_mesh, mesh_context
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import (
   create_train_state,
   learning_rate_schedule,
   loss_sums_and_grads,
   make_optimizer,
-  make_train_step,
 )
 
 # 8 heads, 8 kv heads, ffn 256 and vocab 512 all divide tensor=8; embed 64 divides fsdp=8; rows of
@@ -29,6 +29,7 @@ BATCH, ROW = 8, 33
 def train(mesh_cfg: MeshConfig, devices):
   """(losses per step, gradients of the first batch, final parameters) on a mesh of `devices`."""
   mesh = make_mesh(mesh_cfg, devices)
+  layout = Layout.build(CFG, mesh, TRAIN)
   tx = make_optimizer(OPT, TRAIN.steps)
   state, shardings = create_train_state(CFG, tx, mesh, jax.random.key(0))
   data_sharding = batch_sharding(mesh)
@@ -37,13 +38,9 @@ def train(mesh_cfg: MeshConfig, devices):
     for b in packed_batches(3, BATCH, ROW, CFG.vocab_size)
   ]
   with mesh_context(mesh):
-    grads_fn = jax.jit(functools.partial(loss_sums_and_grads, model_cfg=CFG, train_cfg=TRAIN))
+    grads_fn = jax.jit(functools.partial(loss_sums_and_grads, layout=layout))
     _, _, grads = grads_fn(state.params, batches[0])
-    step = jax.jit(
-      make_train_step(CFG, TRAIN, tx, learning_rate_schedule(OPT, TRAIN.steps)),
-      in_shardings=(shardings, data_sharding),
-      out_shardings=(shardings, None),
-    )
+    step = layout.jit_train_step(tx, learning_rate_schedule(OPT, TRAIN.steps))
     losses = []
     for batch in batches:
       state, metrics = step(state, batch)

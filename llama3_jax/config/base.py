@@ -25,3 +25,11 @@ class ConfigBase:
   @classmethod
   def _from_fields(cls, fields: Dict) -> Dict:
     return fields
+
+  def _require_at_least(self, minimum, *fields: str) -> None:
+    """Raises ValueError naming the first of `fields` below `minimum`."""
+    for field in fields:
+      if getattr(self, field) < minimum:
+        raise ValueError(
+          f"{type(self).__name__}.{field} must be >= {minimum}, got {getattr(self, field)}"
+        )

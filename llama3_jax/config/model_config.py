@@ -1,7 +1,7 @@
 """The model description: one frozen dataclass holding every field that differs across the Llama 3 family."""
 
 import dataclasses
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from llama3_jax.config.base import ConfigBase
 
@@ -23,6 +23,20 @@ COMPUTE_FIELDS = (
   "remat_policy",
   "max_seq_len",
 )
+
+
+def architecture_differences(
+  found: Dict, expected: Dict, ignore: Sequence[str] = COMPUTE_FIELDS
+) -> List[Tuple[str, object, object]]:
+  """(field, found value, expected value), sorted by field, for every field of two
+  `ModelConfig.to_dict()`s that differs, other than those in `ignore`. Resuming ignores
+  `COMPUTE_FIELDS`; averaging also ignores `param_dtype` (models stored in other dtypes
+  average)."""
+  return sorted(
+    (field, found.get(field), value)
+    for field, value in expected.items()
+    if field not in ignore and found.get(field) != value
+  )
 
 
 def meta_ffn_dim(dim: int, ffn_dim_multiplier: Optional[float], multiple_of: int) -> int:

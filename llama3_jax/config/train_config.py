@@ -31,18 +31,20 @@ class TrainConfig(ConfigBase):
   loss_chunk: int = 1024
 
   def __post_init__(self):
-    for field in (
+    self._require_at_least(
+      1,
       "steps",
       "micro_batches",
       "pipeline_interleave",
       "max_nonfinite_steps",
       "log_every",
       "eval_batches",
-    ):
-      if getattr(self, field) < 1:
-        raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
-    for field in ("eval_every", "peak_tflops_per_device", "pipeline_micro_batches", "loss_chunk"):
-      if getattr(self, field) < 0:
-        raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)}")
-    if self.z_loss_weight < 0:
-      raise ValueError(f"TrainConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}")
+    )
+    self._require_at_least(
+      0,
+      "eval_every",
+      "peak_tflops_per_device",
+      "pipeline_micro_batches",
+      "loss_chunk",
+      "z_loss_weight",
+    )

@@ -90,12 +90,6 @@ def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def half_split_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Inverse of `interleaved_to_half_split`."""
-  rows, cols = w.shape
-  return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
 def from_torch(spec: TensorSpec, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
   """A torch-layout (half-split) tensor -> our layout for one layer."""
   name = spec.path[-1]

@@ -1,17 +1,20 @@
-"""Our checkpoint format: `llama3_jax_config.json` (ModelConfig.to_dict) + an Orbax checkpoint of the
-params pytree under `params/`; and reading the params of a training run's step checkpoints.
+"""Our checkpoint format: `llama3_jax_config.json` (ModelConfig.to_dict and the model kind) + an
+Orbax checkpoint of the params pytree under `params/`; and reading the params of a training run's
+step checkpoints (`state/` + `config/`, as RunCheckpointer writes them). Both hold either kind of
+model (model/spec.py), told by the params tree ("backbone" + "score" for a reward model) and,
+where recorded (`model_kind`; older checkpoints lack it), checked against the kind recorded.
 
 Saves go to a temporary sibling directory renamed into place, so an interrupted save never leaves a
 half-written checkpoint at `path` nor destroys the one that was there.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,14 +23,19 @@ from absl import logging
 from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
-from llama3_jax.model import param_shapes
-from llama3_jax.parallel import param_shardings
+from llama3_jax.model.spec import LM, ModelSpec, spec_of, tree_kind
+
+# posttrain/averaging.py imports shapes_by_name from here.
+from llama3_jax.model.spec import shapes_by_name  # noqa: F401
 
 CONFIG_FILE = "llama3_jax_config.json"
 PARAMS_DIR = "params"
-# A training run's step directory, as RunCheckpointer writes it.
-RUN_STATE_DIR = "state"
-RUN_CONFIG_DIR = "config"
+# The items of a training run's step directory, as RunCheckpointer writes them: the TrainState
+# (its "params" entry is the model's) and the run config (JSON; "model": ModelConfig.to_dict()).
+RUN_STATE_ITEM = "state"
+RUN_CONFIG_ITEM = "config"
+# The model kind ("lm", "reward") in our config file and in a run config; absent in older ones.
+MODEL_KIND_KEY = "model_kind"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
@@ -36,34 +44,11 @@ def is_orbax_checkpoint(path: str) -> bool:
   )
 
 
-def shapes_by_name(tree) -> Dict[str, Tuple[int, ...]]:
-  """'layers/attention/wq' -> shape, for every leaf of a params-like tree."""
-  return {
-    "/".join(str(getattr(k, "key", k)) for k in key_path): tuple(leaf.shape)
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
-
-
-def _check_shapes(cfg: ModelConfig, tree, what: str) -> None:
-  """Raises ValueError unless `tree` has exactly the parameters of `cfg`, with their shapes."""
-  expected = shapes_by_name(nn.unbox(param_shapes(cfg)))
-  found = shapes_by_name(tree)
-  missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-  if missing or extra:
-    raise ValueError(
-      f"{what} does not match the config ({cfg.name}): missing tensors {missing}, "
-      f"unexpected tensors {extra}"
-    )
-  for name, shape in expected.items():
-    if found[name] != shape:
-      raise ValueError(
-        f"{what}: tensor {name!r} has shape {found[name]} but the config "
-        f"({cfg.name}) expects {shape}"
-      )
-
-
-def save_orbax(path: str, cfg: ModelConfig, params: Dict, overwrite: bool = False) -> None:
-  """Writes `cfg` and `params` (numpy or jax arrays, possibly sharded) as a checkpoint directory.
+def save_orbax(
+  path: str, cfg: ModelConfig, params: Dict, overwrite: bool = False, kind: str = LM.kind
+) -> None:
+  """Writes `cfg`, the model `kind` ("lm", "reward") and `params` (numpy or jax arrays, possibly
+  sharded) as a checkpoint directory.
 
   Single-process (conversion and export); `param_dtype` is recorded as the params' dtype.
 
@@ -83,7 +68,8 @@ def save_orbax(path: str, cfg: ModelConfig, params: Dict, overwrite: bool = Fals
       )
     if not overwrite:
       raise FileExistsError(f"Checkpoint {path} already exists; pass overwrite=True to replace it")
-  _check_shapes(cfg, params, "Params to save")
+  spec = spec_of(kind, " to save")
+  spec.check(cfg, params, "Params to save")
   dtypes = {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)}
   if len(dtypes) == 1 and cfg.param_dtype not in dtypes:
     (dtype,) = dtypes
@@ -98,7 +84,7 @@ def save_orbax(path: str, cfg: ModelConfig, params: Dict, overwrite: bool = Fals
   old = None
   try:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2)
+      json.dump({MODEL_KIND_KEY: spec.kind, **cfg.to_dict()}, f, indent=2)
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
       checkpointer.wait_until_finished()
@@ -115,66 +101,108 @@ def save_orbax(path: str, cfg: ModelConfig, params: Dict, overwrite: bool = Fals
     raise
   if old is not None:
     shutil.rmtree(old)
-  logging.info("Saved %s checkpoint to %s", cfg.name, path)
+  logging.info("Saved %s (%s) checkpoint to %s", cfg.name, spec.description, path)
 
 
-def _restore_params(
-  directory: str, cfg: ModelConfig, what: str, mesh: Optional[Mesh], subtree: Optional[str] = None
-) -> Dict:
-  """The params pytree stored in Orbax `directory` (or its `subtree` entry, read alone) in
-  `cfg.param_dtype`: numpy arrays, or arrays placed in their shards on `mesh`."""
-  dtype = jnp.dtype(cfg.param_dtype)
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+  """What a checkpoint holds, from its config and array metadata alone: the model's spec and
+  config, and the Orbax `directory` whose `entry` (None: the whole tree) are the params, of
+  shapes `tree`."""
+
+  spec: ModelSpec
+  cfg_dict: Dict
+  directory: str
+  entry: Optional[str]
+  tree: Dict
+  what: str
+
+
+def _stored(
+  directory: str, recorded_kind: Optional[str], cfg_dict: Dict, what: str, entry=None
+) -> _Stored:
   with ocp.PyTreeCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(directory).item_metadata.tree
-    if subtree is not None:
-      if subtree not in stored:
-        raise ValueError(f"{what} holds no {subtree!r} entry; found {sorted(stored)}")
-      stored = stored[subtree]
-    _check_shapes(cfg, stored, what)
-    if mesh is None:
-      restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored
+    tree = checkpointer.metadata(directory).item_metadata.tree
+  if entry is not None:
+    if entry not in tree:
+      raise ValueError(f"{what} holds no {entry!r} entry; found {sorted(tree)}")
+    tree = tree[entry]
+  spec = spec_of(tree_kind(tree))
+  if recorded_kind is not None and spec_of(recorded_kind, f" recorded in {what}") is not spec:
+    raise ValueError(
+      f"{what} records {MODEL_KIND_KEY} {recorded_kind!r}, but its params are a "
+      f"{spec.description}'s (top-level entries {sorted(tree)}): a corrupt checkpoint, or one "
+      f"saved with the wrong kind"
+    )
+  return _Stored(spec, cfg_dict, directory, entry, tree, what)
+
+
+def _restore(stored: _Stored, mesh: Optional[Mesh], overrides: Dict) -> Tuple[ModelConfig, Dict]:
+  """(config with `overrides`, params) of `stored` after checking its tree against the config:
+  numpy arrays in the config's `param_dtype`, or arrays placed in their shards on `mesh`."""
+  cfg = ModelConfig.from_dict(stored.cfg_dict).replace(**overrides)
+  stored.spec.check(cfg, stored.tree, stored.what)
+  dtype = jnp.dtype(cfg.param_dtype)
+  if mesh is None:
+    restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored.tree
+    )
+  else:
+    restore_args = jax.tree.map(
+      lambda _, sharding: ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype),
+      stored.tree,
+      stored.spec.shardings(cfg, mesh),
+    )
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    if stored.entry is None:
+      params = checkpointer.restore(
+        stored.directory, args=ocp.args.PyTreeRestore(restore_args=restore_args)
       )
     else:
-      restore_args = jax.tree.map(
-        lambda _, sharding: ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype),
-        stored,
-        param_shardings(cfg, mesh),
-      )
-    if subtree is None:
-      return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    restored = checkpointer.restore(
-      directory,
-      args=ocp.args.PyTreeRestore(
-        item={subtree: jax.tree.map(lambda _: 0, stored)},
-        restore_args={subtree: restore_args},
-        partial_restore=True,
-      ),
-    )
-    return restored[subtree]
-
-
-def load_orbax(path: str, mesh: Optional[Mesh] = None, **overrides) -> Tuple[ModelConfig, Dict]:
-  """(config, params) from a checkpoint written by `save_orbax`: numpy params, or params placed
-  in their shards on `mesh` (no host ever holds the whole model).
-
-  Overrides are ModelConfig fields; params are cast to the resulting `param_dtype`.
-  """
-  config_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in checkpoint directory {path}")
-  with open(config_file) as f:
-    cfg = ModelConfig.from_dict(json.load(f)).replace(**overrides)
-  params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"No {PARAMS_DIR}/ directory in checkpoint {path}")
-  params = _restore_params(params_dir, cfg, f"Checkpoint {path}", mesh)
-  logging.info("Loaded %s checkpoint %s, params %s", cfg.name, path, cfg.param_dtype)
+      params = checkpointer.restore(
+        stored.directory,
+        args=ocp.args.PyTreeRestore(
+          item={stored.entry: jax.tree.map(lambda _: 0, stored.tree)},
+          restore_args={stored.entry: restore_args},
+          partial_restore=True,
+        ),
+      )[stored.entry]
+  logging.info(
+    "Loaded %s (%s, %s) from %s", cfg.name, stored.spec.description, cfg.param_dtype, stored.what
+  )
   return cfg, params
 
 
+def _orbax_stored(path: str) -> _Stored:
+  config_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in checkpoint directory {path}")
+  params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"No {PARAMS_DIR}/ directory in checkpoint {path}")
+  with open(config_file) as f:
+    cfg_dict = json.load(f)
+  kind = cfg_dict.pop(MODEL_KIND_KEY, None)
+  return _stored(params_dir, kind, cfg_dict, f"Checkpoint {path}")
+
+
+def orbax_kind(path: str) -> str:
+  """The model kind of a checkpoint written by `save_orbax`, without reading any array."""
+  return _orbax_stored(path).spec.kind
+
+
+def load_orbax(path: str, mesh: Optional[Mesh] = None, **overrides) -> Tuple[ModelConfig, Dict]:
+  """(config, params) from a checkpoint written by `save_orbax`, of whichever kind it holds
+  (`orbax_kind`): numpy params, or params placed in their shards on `mesh` (no host ever holds
+  the whole model).
+
+  Overrides are ModelConfig fields; params are cast to the resulting `param_dtype`.
+  """
+  return _restore(_orbax_stored(path), mesh, overrides)
+
+
 def _is_run_step(path: str) -> bool:
-  return all(os.path.isdir(os.path.join(path, item)) for item in (RUN_STATE_DIR, RUN_CONFIG_DIR))
+  return all(os.path.isdir(os.path.join(path, item)) for item in (RUN_STATE_ITEM, RUN_CONFIG_ITEM))
 
 
 def run_steps(directory: str) -> List[int]:
@@ -198,24 +226,39 @@ def run_step_directory(path: str) -> Optional[str]:
   return os.path.join(path, str(steps[-1])) if steps else None
 
 
-def load_run_checkpoint(
-  path: str, mesh: Optional[Mesh] = None, **overrides
-) -> Tuple[ModelConfig, Dict]:
-  """(config, params) of a training run's checkpoint (pretraining or SFT): a step directory, or
-  the run's checkpoint directory for its newest step. Only the params are read, not the
-  optimizer state; numpy params, or params placed in their shards on `mesh`.
-
-  Overrides are ModelConfig fields; params are cast to the resulting `param_dtype`.
-  """
+def _run_stored(path: str) -> _Stored:
   step_dir = run_step_directory(path)
   if step_dir is None:
     raise FileNotFoundError(f"{path} holds no training-run checkpoint (state/ and config/)")
+  step_dir = os.path.abspath(step_dir)
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    stored = checkpointer.restore(os.path.join(os.path.abspath(step_dir), RUN_CONFIG_DIR))
-  if "model" not in stored:
-    raise ValueError(f"The run config of {step_dir} has no 'model' entry; found {sorted(stored)}")
-  cfg = ModelConfig.from_dict(stored["model"]).replace(**overrides)
-  what = f"Training checkpoint {step_dir}"
-  params = _restore_params(os.path.join(step_dir, RUN_STATE_DIR), cfg, what, mesh, "params")
-  logging.info("Loaded the params of %s (%s), %s", step_dir, cfg.name, cfg.param_dtype)
-  return cfg, params
+    run_config = checkpointer.restore(os.path.join(step_dir, RUN_CONFIG_ITEM))
+  if "model" not in run_config:
+    raise ValueError(
+      f"The run config of {step_dir} has no 'model' entry; found {sorted(run_config)}"
+    )
+  return _stored(
+    os.path.join(step_dir, RUN_STATE_ITEM),
+    run_config.get(MODEL_KIND_KEY),
+    run_config["model"],
+    f"Training checkpoint {step_dir}",
+    entry="params",
+  )
+
+
+def run_kind(path: str) -> str:
+  """The model kind of a training run's checkpoint (a step, or the run's directory for its newest
+  step), without reading any array."""
+  return _run_stored(path).spec.kind
+
+
+def load_run_checkpoint(
+  path: str, mesh: Optional[Mesh] = None, **overrides
+) -> Tuple[ModelConfig, Dict]:
+  """(config, params) of a training run's checkpoint (pretraining, SFT, DPO or a reward model): a
+  step directory, or the run's checkpoint directory for its newest step. Only the params are
+  read, not the optimizer state; numpy params, or params placed in their shards on `mesh`.
+
+  Overrides are ModelConfig fields; params are cast to the resulting `param_dtype`.
+  """
+  return _restore(_run_stored(path), mesh, overrides)

@@ -10,7 +10,7 @@ import numpy as np
 from llama3_jax.config import ModelConfig
 from llama3_jax.inference.sampling import SamplingConfig, sample
 from llama3_jax.model import KVCache, Transformer
-from llama3_jax.parallel.context import context_degree, load_balanced_order, reorder_for_context
+from llama3_jax.parallel.context import load_balanced_order, reorder_for_context
 
 NOT_GENERATED = -1
 
@@ -45,21 +45,23 @@ def padded_length(longest: int, limit: int) -> int:
   return min(max(16, 1 << (longest - 1).bit_length()), limit)
 
 
-def prefill(cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache):
+def prefill(
+  cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache, context_degree: int = 1
+):
   """Runs right-padded prompts through the model: (logits at each row's last token [B, V], cache).
 
-  Under a mesh with context parallelism the prompt is split over `context` in the load-balanced
-  order (parallel/context.py): the cache slots then hold the prompt in that order, which attention
-  does not see (it masks by the positions stored with each slot)."""
+  With `context_degree` > 1 (the `context` degree of the mesh it runs on, e.g. a Layout's) the
+  prompt is put in the load-balanced order of parallel/context.py, to be split over `context`: the
+  cache slots then hold the prompt in that order, which attention does not see (it masks by the
+  positions stored with each slot)."""
   batch, length = tokens_BP.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)
-  degree = context_degree()
   last = lengths_B - 1
-  if degree > 1:
-    order = load_balanced_order(length, degree)
+  if context_degree > 1:
+    order = load_balanced_order(length, context_degree)
     tokens_BP, positions, segment_ids = reorder_for_context(
-      (tokens_BP, positions, segment_ids), degree
+      (tokens_BP, positions, segment_ids), context_degree
     )
     last = jnp.asarray(np.argsort(order), jnp.int32)[last]  # where each last token went
   return Transformer(cfg).apply(
@@ -115,7 +117,9 @@ def decode_tokens(
   return jax.lax.while_loop(keep_going, next_token, state)[3]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids"))
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids", "context_degree")
+)
 def generate_tokens(
   params,
   tokens_BP,
@@ -126,11 +130,13 @@ def generate_tokens(
   max_new_tokens: int,
   sampling: SamplingConfig,
   stop_ids: Tuple[int, ...],
+  context_degree: int = 1,
 ):
-  """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED."""
+  """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED.
+  `context_degree`: see `prefill`."""
   batch, length = tokens_BP.shape
   cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1)
-  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache)
+  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache, context_degree)
   return decode_tokens(
     cfg,
     params,
@@ -153,8 +159,10 @@ def generate(
   sampling: SamplingConfig = SamplingConfig(),
   stop_ids: Sequence[int] = (),
   rng: Optional[jax.Array] = None,
+  context_degree: int = 1,
 ) -> List[List[int]]:
-  """New tokens for each prompt, up to `max_new_tokens`, ending before the first stop token."""
+  """New tokens for each prompt, up to `max_new_tokens`, ending before the first stop token.
+  `context_degree`: the `context` degree of the mesh it runs on (see `prefill`)."""
   check_prompts(prompts, cfg.vocab_size)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -182,6 +190,7 @@ def generate(
       max_new_tokens=max_new_tokens,
       sampling=sampling,
       stop_ids=tuple(stops),
+      context_degree=context_degree,
     )
   )
   results = []

@@ -1,26 +1,9 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
-
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+from llama3_jax.config import SamplingConfig
 
 
 def _filter_sorted(sorted_BV: jnp.ndarray, cfg: SamplingConfig) -> jnp.ndarray:

@@ -1,5 +1,7 @@
 """Parameter creation and inspection from a config, without materialising what is not needed."""
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,19 +9,23 @@ import jax.numpy as jnp
 from llama3_jax.config import ModelConfig
 from llama3_jax.model.transformer import Transformer
 
+ModuleFn = Callable[[ModelConfig], nn.Module]
 
-def init_boxed(cfg: ModelConfig, rng: jax.Array):
-  """Parameters wrapped in `nn.LogicallyPartitioned` (their logical axes), not yet unboxed."""
+
+def init_boxed(cfg: ModelConfig, rng: jax.Array, module: ModuleFn = Transformer):
+  """Parameters of `module(cfg)` (the language model by default) wrapped in
+  `nn.LogicallyPartitioned` (their logical axes), not yet unboxed."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(cfg).init(rng, tokens)["params"]
+  return module(cfg).init(rng, tokens)["params"]
 
 
 _init_boxed_jit = jax.jit(init_boxed, static_argnums=0)
 
 
-def param_shapes(cfg: ModelConfig):
-  """Pytree of `jax.ShapeDtypeStruct` wrapped in `nn.LogicallyPartitioned` (logical axes kept)."""
-  return jax.eval_shape(lambda rng: init_boxed(cfg, rng), jax.random.key(0))
+def param_shapes(cfg: ModelConfig, module: ModuleFn = Transformer):
+  """Pytree of `jax.ShapeDtypeStruct` wrapped in `nn.LogicallyPartitioned` (logical axes kept)
+  of `module(cfg)`'s parameters (the language model's by default)."""
+  return jax.eval_shape(lambda rng: init_boxed(cfg, rng, module), jax.random.key(0))
 
 
 def count_params(cfg: ModelConfig) -> int:

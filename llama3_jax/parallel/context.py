@@ -12,12 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from llama3_jax.model.masks import load_balanced_order
-from llama3_jax.parallel.mesh import axis_degree
-
-
-def context_degree() -> int:
-  """The `context` degree of the mesh being traced under (1 outside a mesh)."""
-  return axis_degree("context")
 
 
 def reorder_for_context(tree, degree: int):

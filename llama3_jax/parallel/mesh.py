@@ -1,4 +1,4 @@
-"""Building the named device mesh from a MeshConfig."""
+"""Building the named device mesh (or its shape alone) from a MeshConfig."""
 
 from typing import Optional, Sequence
 
@@ -6,15 +6,9 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from llama3_jax.config.mesh_config import MESH_AXES, MeshConfig
-
-
-def axis_degree(axis: str) -> int:
-  """The degree of mesh axis `axis` in the mesh being traced under (1 outside a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
 
 
 def device_grid(cfg: MeshConfig, devices: Sequence) -> np.ndarray:
@@ -36,6 +30,13 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
   mesh = Mesh(device_grid(cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   logging.info("Mesh %s over %d devices", dict(mesh.shape), len(devices))
   return mesh
+
+
+def abstract_mesh(cfg: MeshConfig, n_devices: int) -> AbstractMesh:
+  """The mesh's shape alone, for planning layouts of more devices than this host has (no compile)."""
+  return AbstractMesh(
+    cfg.resolved(n_devices).degrees(), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 # HBM per chip (GiB) by device kind, for compiles against TPU topologies (dry_run.py).

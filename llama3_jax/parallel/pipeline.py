@@ -11,18 +11,17 @@ re-entering rank 0 for its next virtual stage. Slots outside the schedule comput
 that nothing reads (the bubble).
 
 The embedding and the head (and the loss after it) run outside the stages on the whole batch, its
-rows split over `pipeline` as well as over the batch axes, so each rank does 1/S of that work
-rather than the first and last ranks carrying it (the paper instead takes a layer off those two
-stages to balance them).
+rows split over `pipeline` as well as over the batch axes when M is a multiple of S (every batch
+of a multiple of M rows per batch shard then splits; the Layout decides once, parallel/layout.py),
+so each rank does 1/S of that work rather than the first and last ranks carrying it (the paper
+instead takes a layer off those two stages to balance them).
 
 Parameters keep their canonical [L, ...] layout, the `layers` axis sharded over `pipeline`, so
 checkpoints do not depend on the layout. With V > 1 the step regroups them by virtual stage: one
 all-to-all of the layer weights per step (and of their gradients back).
 """
 
-import contextlib
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.model import DecoderStack, Transformer, param_shapes
-from llama3_jax.parallel.mesh import axis_degree
+from llama3_jax.parallel.rules import Rules, axes_tuple
 
 ACT_SBTD = ("stage", "batch", "length", "act_embed")
 
@@ -62,32 +61,31 @@ class PipelineSchedule:
     """Share of (rank, iteration) slots without work: (S - 1) / (V M + S - 1) when M >= S."""
     return 1.0 - self.interleave * self.micro_batches / self.iterations
 
-  def check(self, n_layers: int, rows: int) -> None:
-    """Raises ValueError unless the layers split into the stages and the rows into micro-batches."""
+  @property
+  def splits_rows_over_stages(self) -> bool:
+    """Whether rows in multiples of M (per batch shard) always split over the S ranks too."""
+    return self.micro_batches % self.stages == 0
+
+  def check_layers(self, n_layers: int) -> None:
+    """Raises ValueError unless the layers split into the S x V virtual stages."""
     virtual = self.stages * self.interleave
     if n_layers % virtual:
       raise ValueError(
         f"{n_layers} layers do not split into {self.stages} pipeline stages x "
         f"{self.interleave} virtual stages = {virtual}"
       )
+
+  def check(self, n_layers: int, rows: int) -> None:
+    """Raises ValueError unless the layers split into the stages and the rows into micro-batches."""
+    self.check_layers(n_layers)
     if rows % self.micro_batches:
       raise ValueError(f"{rows} rows do not split into {self.micro_batches} pipeline micro-batches")
 
 
-def pipeline_degree() -> int:
-  """The `pipeline` degree of the mesh being traced under (1 outside a mesh)."""
-  return axis_degree("pipeline")
-
-
-def rows_over_pipeline(rows: int):
-  """The active logical rules with the batch rows also split over `pipeline`, where they divide."""
-  rules = nn.get_logical_axis_rules()
-  batch_axes = dict(rules)["batch"]
-  degree = math.prod(axis_degree(axis) for axis in batch_axes + ("pipeline",))
-  if rows % degree:
-    return contextlib.nullcontext()
-  return nn.logical_axis_rules(
-    tuple((name, batch_axes + ("pipeline",) if name == "batch" else axes) for name, axes in rules)
+def rows_over_pipeline(rules: Rules) -> Rules:
+  """`rules` with the batch rows split over `pipeline` as well as over the batch axes."""
+  return tuple(
+    (name, axes_tuple(axes) + ("pipeline",) if name == "batch" else axes) for name, axes in rules
   )
 
 
@@ -158,17 +156,18 @@ def _run_stages(layer_params, x_MBTD, positions_MBT, segment_ids_MBT, cfg, sched
 
 
 def pipeline_hidden(
-  params, tokens_BT, positions_BT, segment_ids_BT, cfg, schedule, context_order=1
+  params, tokens_BT, positions_BT, segment_ids_BT, cfg, schedule, context_order, ends_rules: Rules
 ):
   """The Transformer's last hidden states [B, T, D] before the head (no cache), its layers run as
-  a pipeline; run the head under `rows_over_pipeline(B)` (its rows split over the ranks too).
-  `context_order`: see Transformer."""
+  a pipeline. The embedding and the returned states are constrained under `ends_rules` (the
+  Layout's `head_rules`: the rows over the ranks too, where they split); run the head under them
+  as well. `context_order`: see Transformer."""
   rows, length = tokens_BT.shape
   schedule.check(cfg.n_layers, rows)
   model = Transformer(cfg)
   # Micro-batch m takes rows m, M + m, 2M + m, ...: the rows each data shard holds stay with it.
   micro = lambda a: a.reshape((-1, schedule.micro_batches) + a.shape[1:]).swapaxes(0, 1)
-  with rows_over_pipeline(rows):
+  with nn.logical_axis_rules(ends_rules):
     x_BTD = model.apply({"params": params}, tokens_BT, method="embed")
   x_MBTD = nn.with_logical_constraint(micro(x_BTD), (None,) + ACT_SBTD[1:])
   y_MBTD = _run_stages(
@@ -180,5 +179,5 @@ def pipeline_hidden(
     schedule,
     context_order,
   )
-  with rows_over_pipeline(rows):
+  with nn.logical_axis_rules(ends_rules):
     return nn.with_logical_constraint(y_MBTD.swapaxes(0, 1).reshape(rows, length, -1), ACT_SBTD[1:])

@@ -10,10 +10,13 @@ from jax.sharding import Mesh
 from llama3_jax.config import ModelConfig
 from llama3_jax.model import param_shapes
 
+# (logical axis, mesh axes: None, a name or a tuple of names) pairs.
+Rules = Tuple[Tuple[str, object], ...]
+
 # FSDP shards the parameters' `embed` axis; tensor parallelism shards heads, kv heads, the FFN
 # hidden axis and the vocabulary (Megatron style); the batch is split over data and fsdp; context
 # parallelism splits the sequence (`length`), while keys and values (`kv_length`) are gathered.
-LOGICAL_AXIS_RULES: Tuple[Tuple[str, object], ...] = (
+LOGICAL_AXIS_RULES: Rules = (
   ("batch", ("data", "fsdp")),
   ("length", "context"),
   ("kv_length", None),
@@ -35,11 +38,23 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, object], ...] = (
 )
 
 
+def mesh_rules(mesh) -> Rules:
+  """The rules in effect on `mesh` (a Mesh or AbstractMesh): the table, or none on a one-device
+  mesh, where there is nothing to place and the constraints would only keep XLA from fusing
+  across them."""
+  return LOGICAL_AXIS_RULES if mesh.size > 1 else ()
+
+
+def axes_tuple(axes) -> Tuple[str, ...]:
+  """A rule's mesh axes (None, one name or several) as a tuple."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def mesh_axes(logical: str) -> Tuple[str, ...]:
   """The mesh axes that the logical axis `logical` is split over (empty: replicated)."""
   for name, axes in LOGICAL_AXIS_RULES:
     if name == logical:
-      return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      return axes_tuple(axes)
   raise ValueError(f"Logical axis {logical!r} has no rule in LOGICAL_AXIS_RULES")
 
 
@@ -61,6 +76,6 @@ def check_divisibility(cfg: ModelConfig, mesh: Mesh) -> None:
         )
 
 
-def batch_degree(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split."""
+def batch_degree(mesh) -> int:
+  """How many ways the batch dimension is split on `mesh` (a Mesh or AbstractMesh)."""
   return math.prod(mesh.shape[a] for a in mesh_axes("batch"))

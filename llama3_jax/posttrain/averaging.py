@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh
 
-from llama3_jax.config import COMPUTE_FIELDS, ModelConfig
+from llama3_jax.config import COMPUTE_FIELDS, ModelConfig, architecture_differences
 from llama3_jax.convert import load_checkpoint
-from llama3_jax.convert.orbax_io import shapes_by_name
+from llama3_jax.model.spec import shapes_by_name
 
 # Models differing only in these fields (and the stored parameter dtype) average.
 _NON_ARCHITECTURE_FIELDS = frozenset(COMPUTE_FIELDS + ("param_dtype",))
@@ -127,21 +127,15 @@ def average_params(param_trees: Sequence, weights: Optional[Sequence[float]] = N
   return total.result()
 
 
-def _architecture(cfg: ModelConfig) -> Dict:
-  return {
-    field: value for field, value in cfg.to_dict().items() if field not in _NON_ARCHITECTURE_FIELDS
-  }
-
-
 def _check_same_architecture(
   cfg: ModelConfig, path: str, reference_cfg: ModelConfig, reference_path: str
 ) -> None:
   """Raises ValueError naming every architecture field of `cfg` that differs from the reference."""
-  found, expected = _architecture(cfg), _architecture(reference_cfg)
   differences = [
-    f"{field} ({found[field]!r} vs {expected[field]!r})"
-    for field in expected
-    if found[field] != expected[field]
+    f"{field} ({found!r} vs {expected!r})"
+    for field, found, expected in architecture_differences(
+      cfg.to_dict(), reference_cfg.to_dict(), _NON_ARCHITECTURE_FIELDS
+    )
   ]
   if differences:
     raise ValueError(

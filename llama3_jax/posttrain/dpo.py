@@ -8,43 +8,17 @@ loss = -(1 - eps) log sigmoid(beta * m) - eps log sigmoid(-beta * m).
 Everything is float32.
 """
 
-import dataclasses
-
-import jax
 import jax.numpy as jnp
 import optax
 
 
-def token_logps(logits_BTV, targets_BT):
-  """log p(target) per token [B, T], float32, from logits [B, T, V] and targets [B, T]."""
-  log_probs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs_BTV, targets_BT[..., None], axis=-1)[..., 0]
-
-
-def sequence_logps(logits_BTV, targets_BT, mask_BT):
+def response_sums(logps_BT, mask_BT):
   """(sum of token log-probs over the mask [B], number of masked tokens [B]), both float32.
 
-  Positions outside the mask contribute nothing, whatever their logits.
+  Positions outside the mask contribute nothing, whatever their log-probs.
   """
-  logps_BT = jnp.where(mask_BT, token_logps(logits_BTV, targets_BT), 0.0)
+  logps_BT = jnp.where(mask_BT, logps_BT.astype(jnp.float32), 0.0)
   return jnp.sum(logps_BT, axis=-1), jnp.sum(mask_BT.astype(jnp.float32), axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-  """DPO hyperparameters; the defaults are the Llama 3 paper's."""
-
-  beta: float = 0.1
-  nll_weight: float = 0.2
-  label_smoothing: float = 0.0
-
-  def __post_init__(self):
-    if not self.beta > 0:
-      raise ValueError(f"beta must be > 0, got {self.beta}")
-    if not self.nll_weight >= 0:
-      raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
-    if not 0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def _per_token_nll(chosen_nll_sum, chosen_tokens):

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama3_jax.config import ModelConfig, TrainConfig
+from llama3_jax.config import DPOConfig, ModelConfig, TrainConfig
 from llama3_jax.data.chat import Preference
 from llama3_jax.model import Transformer
-from llama3_jax.posttrain.dpo import DPOConfig, dpo_loss
+from llama3_jax.parallel import mesh_context
+from llama3_jax.posttrain.dpo import dpo_loss, response_sums
 from llama3_jax.posttrain.reward import pack_responses
 from llama3_jax.tokenizer.chat_format import ChatFormat
 from llama3_jax.train.loss import chunked_log_probs
@@ -64,12 +65,9 @@ def response_logps(params: Dict, batch: Dict, cfg: ModelConfig, chunk=TrainConfi
   predicting_BTD = jnp.take_along_axis(hidden_BTD, batch["predicted_from"][..., None], axis=1)
   head = lambda x: model.apply({"params": params}, x, method="head")
   logps_BT, _ = chunked_log_probs(head, predicting_BTD, batch["tokens"], chunk)
-  chosen, rejected = batch["chosen"], batch["rejected"]
-  return (
-    jnp.sum(jnp.where(chosen, logps_BT, 0.0), axis=-1),
-    jnp.sum(jnp.where(rejected, logps_BT, 0.0), axis=-1),
-    jnp.sum(chosen, axis=-1).astype(jnp.float32),
-  )
+  chosen, chosen_tokens = response_sums(logps_BT, batch["chosen"])
+  rejected, _ = response_sums(logps_BT, batch["rejected"])
+  return chosen, rejected, chosen_tokens
 
 
 def dpo_objective(
@@ -85,3 +83,19 @@ def dpo_objective(
       response_logps(reference_params, batch, cfg)
     )
   return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo_cfg, -chosen, chosen_tokens)
+
+
+def with_reference_logps(rows: Dict, params: Dict, cfg: ModelConfig, mesh, size: int) -> Dict:
+  """`rows` plus `ref_chosen` / `ref_rejected` [N]: the frozen reference's (`params`, placed on
+  `mesh`) response log-probs of every row, `size` rows per pass (the last pass padded with copies
+  of its rows, their results dropped)."""
+  score = jax.jit(lambda p, batch: response_logps(p, batch, cfg)[:2])
+  count, sums = len(rows["tokens"]), []
+  with mesh_context(mesh):
+    for start in range(0, count, size):
+      kept = min(size, count - start)
+      take = start + np.arange(size) % kept
+      chosen, rejected = jax.device_get(score(params, {k: v[take] for k, v in rows.items()}))
+      sums.append((chosen[:kept], rejected[:kept]))
+  ref_chosen, ref_rejected = (np.concatenate(parts) for parts in zip(*sums))
+  return dict(rows, ref_chosen=ref_chosen, ref_rejected=ref_rejected)

@@ -4,13 +4,13 @@ once and its KV cache shared by the K samples, each scored by the reward model; 
 
 import dataclasses
 import functools
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama3_jax.config import ModelConfig
+from llama3_jax.config import ModelConfig, SamplingConfig
 from llama3_jax.inference.generate import (
   NOT_GENERATED,
   decode_tokens,
@@ -18,24 +18,35 @@ from llama3_jax.inference.generate import (
   padded_length,
   prefill,
 )
-from llama3_jax.inference.sampling import SamplingConfig
 from llama3_jax.model import KVCache
-from llama3_jax.parallel import batch_degree
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.posttrain.reward import RewardModel
 from llama3_jax.tokenizer.chat_format import ChatFormat, Message
 
 
 @functools.partial(
-  jax.jit, static_argnames=("cfg", "samples", "max_new_tokens", "sampling", "stop_ids")
+  jax.jit,
+  static_argnames=("cfg", "samples", "max_new_tokens", "sampling", "stop_ids", "context_degree"),
 )
 def sample_from_one_prefill(
-  params, prompt_1P, length_1, rng, *, cfg, samples, max_new_tokens, sampling, stop_ids
+  params,
+  prompt_1P,
+  length_1,
+  rng,
+  *,
+  cfg,
+  samples,
+  max_new_tokens,
+  sampling,
+  stop_ids,
+  context_degree=1,
 ):
   """[samples, max_new_tokens] int32 responses to one prompt [1, P] (right-padded to P, `length_1`
-  real tokens): one prefill, its cache and last logits repeated for the samples, which then decode
-  independently (NOT_GENERATED after a stop token)."""
+  real tokens): one prefill (split over `context_degree` context ranks), its cache and last
+  logits repeated for the samples, which then decode independently (NOT_GENERATED after a stop
+  token)."""
   cache = KVCache.empty(cfg, 1, prompt_1P.shape[1] + max_new_tokens - 1)
-  logits_1V, cache = prefill(cfg, params, prompt_1P, length_1, cache)
+  logits_1V, cache = prefill(cfg, params, prompt_1P, length_1, cache, context_degree)
   shared = KVCache(
     k=jnp.repeat(cache.k, samples, axis=1),
     v=jnp.repeat(cache.v, samples, axis=1),
@@ -89,8 +100,11 @@ def rejection_sample(
   max_new_tokens: int,
   sampling: SamplingConfig,
   rng: jax.Array,
+  layout: Optional[Layout] = None,
 ) -> List[Scored]:
-  """`samples` responses to the dialog `prompt`, scored by the reward model, best first."""
+  """`samples` responses to the dialog `prompt`, scored by the reward model, best first; on
+  `layout`'s mesh (its context degree for the prefill, its batch shards for the scoring) when
+  given, else on one device."""
   tokenizer = chat.tokenizer
   prompt_ids = chat.encode_dialog_prompt(prompt)
   limit = cfg.max_seq_len - max_new_tokens + 1
@@ -106,9 +120,11 @@ def rejection_sample(
     max_new_tokens=max_new_tokens,
     sampling=sampling,
     stop_ids=stops,
+    context_degree=layout.context_degree if layout else 1,
   )
   responses = [_response_ids(row, stops, tokenizer.eot_id) for row in np.asarray(rows)]
-  rewards = score_responses(reward_cfg, reward_params, prompt_ids, responses)
+  shards = layout.batch_degree if layout else 1
+  rewards = score_responses(reward_cfg, reward_params, prompt_ids, responses, shards)
   scored = [
     Scored(tokenizer.decode([t for t in ids if t not in stops]), ids, float(r))
     for ids, r in zip(responses, rewards)
@@ -124,14 +140,16 @@ def _rewards(reward_cfg: ModelConfig, reward_params, tokens_BT, positions_BT, se
 
 
 def score_responses(
-  reward_cfg: ModelConfig, reward_params: Dict, prompt_ids: Sequence[int], responses
+  reward_cfg: ModelConfig,
+  reward_params: Dict,
+  prompt_ids: Sequence[int],
+  responses,
+  batch_shards: int = 1,
 ) -> np.ndarray:
   """float32 [len(responses)]: each response's reward after the prompt, at its last token; one
-  row per response (padded to a multiple of the mesh's batch degree)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  degree = 1 if mesh.empty else batch_degree(mesh)
+  row per response (padded to a multiple of `batch_shards`, the mesh's batch degree)."""
   rows = [list(prompt_ids) + list(r) for r in responses]
-  rows += [[]] * (-len(rows) % degree)
+  rows += [[]] * (-len(rows) % batch_shards)
   longest = max(len(r) for r in rows)
   tokens, lengths = pad_prompts(rows, padded_length(longest, max(longest, reward_cfg.max_seq_len)))
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)

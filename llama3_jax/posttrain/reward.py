@@ -2,55 +2,24 @@
 head, trained with the Bradley-Terry loss -log sigmoid(r_better - r_worse) (no margin term) over
 every pair a ranking implies (edited > chosen > rejected). A prompt and its responses share one row:
 each response attends to the prompt and to itself only (branch ids, see `Transformer`) and is
-scored at its last token, exactly as if it were in a row of its own.
+scored at its last token, exactly as if it were in a row of its own. The module is
+`llama3_jax.model.RewardModel`; its parameters' shapes, sharded creation (from a language model
+too) and checks are `llama3_jax.model.spec.REWARD`.
 """
 
-import json
-import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
+from llama3_jax.convert import load_checkpoint
 from llama3_jax.data.chat import Preference, ranked_pairs
-from llama3_jax.model import Transformer
-from llama3_jax.model.layers import WEIGHT_INIT
-from llama3_jax.parallel import logical_shardings
+from llama3_jax.model import RewardModel
+from llama3_jax.model.spec import REWARD
 from llama3_jax.tokenizer.chat_format import ChatFormat
-
-
-REWARD_CONFIG_FILE = "reward_model_config.json"
-
-
-class RewardModel(nn.Module):
-  """tokens [B, T] -> rewards [B, T] float32 (read at each response's last token)."""
-
-  cfg: ModelConfig
-
-  def setup(self):
-    self.backbone = Transformer(self.cfg, lm_head=False)
-    self.score = self.param(
-      "score",
-      nn.with_logical_partitioning(WEIGHT_INIT, ("embed",)),
-      (self.cfg.dim,),
-      jnp.dtype(self.cfg.param_dtype),
-    )
-
-  def __call__(self, tokens, positions=None, segment_ids=None, branch_ids=None):
-    hidden_BTD = self.backbone.features(tokens, positions, segment_ids, branch_ids)
-    return jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), self.score.astype(jnp.float32))
-
-
-def reward_params_from_lm(lm_params: Dict, cfg: ModelConfig, rng: jax.Array) -> Dict:
-  """Reward-model parameters: a language model's backbone (its output head dropped) and a new
-  scalar head."""
-  score = nn.unbox(RewardModel(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]["score"])
-  return {"backbone": {k: v for k, v in lm_params.items() if k != "output"}, "score": score}
 
 
 def pack_responses(prompt: Sequence[int], responses: Sequence[Sequence[int]], length: int):
@@ -130,34 +99,8 @@ def reward_loss(params: Dict, batch: Dict, cfg: ModelConfig):
   return loss, {"accuracy": accuracy}
 
 
-def save_reward_model(path: str, cfg: ModelConfig, params: Dict) -> None:
-  """Writes `params/` (Orbax) and then the config, whose presence marks a complete save."""
-  path = os.path.abspath(path)
-  if os.path.exists(path) and os.listdir(path):
-    raise FileExistsError(f"{path} exists and is not empty; refusing to write a reward model there")
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, "params"), params)
-    checkpointer.wait_until_finished()
-  with open(os.path.join(path, REWARD_CONFIG_FILE), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
-
-
-def load_reward_model(path: str) -> Tuple[ModelConfig, Dict]:
-  """(config, numpy parameters) written by `save_reward_model`."""
-  config_file = os.path.join(path, REWARD_CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"No {REWARD_CONFIG_FILE} in {path}: not a complete reward model")
-  with open(config_file) as f:
-    cfg = ModelConfig.from_dict(json.load(f))
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.abspath(os.path.join(path, "params")))
-  return cfg, jax.tree.map(np.asarray, params)
-
-
-def shard_reward_params(params: Dict, cfg: ModelConfig, mesh: Mesh) -> Dict:
-  """Places host reward-model parameters onto `mesh` by their logical axes."""
-  boxed = jax.eval_shape(
-    lambda: RewardModel(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  )
-  shardings = logical_shardings(boxed["params"], mesh)
-  return jax.tree.map(jax.device_put, params, shardings)
+def load_reward_model(path: str, mesh: Optional[Mesh] = None) -> Tuple[ModelConfig, Dict]:
+  """(config, params) of any checkpoint of a reward model: ours (reward.py --output), or a
+  reward-model training run's directory or one of its steps; numpy params, or params placed in
+  their shards on `mesh`."""
+  return load_checkpoint(path, mesh=mesh, kind=REWARD.kind)

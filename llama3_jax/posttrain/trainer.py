@@ -1,10 +1,9 @@
 """Training any parameter pytree with a loss on a mesh: the state (parameters and AdamW moments)
-created in its shards, a jitted step with the NaN/Inf guard of the pretraining step, and a loop
-that logs, evaluates, checkpoints and resumes. Used by the reward model and DPO, whose batches
-and losses differ from next-token prediction."""
+created in its shards and a jitted step with the NaN/Inf guard of the pretraining step, run by
+the loop core (train/fit.py). Used by the reward model and DPO, whose batches and losses differ
+from next-token prediction; and the row helpers their binaries share."""
 
-import json
-import time
+import math
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -12,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama3_jax.config import ModelConfig, TrainConfig
-from llama3_jax.parallel import batch_sharding, logical_shardings, mesh_context
-from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_resumable
+from llama3_jax.config import ModelConfig
+from llama3_jax.convert.orbax_io import MODEL_KIND_KEY
+from llama3_jax.parallel import logical_shardings
+from llama3_jax.parallel.layout import Layout
+from llama3_jax.train.checkpointing import RunCheckpointer
+from llama3_jax.train.fit import FitPolicy, Task, fit
+from llama3_jax.train.flops import train_flops_per_token
 from llama3_jax.train.train_state import TrainState
 from llama3_jax.train.train_step import guarded_update
 
@@ -26,28 +27,28 @@ LossFn = Callable[[Dict, Dict], Tuple[jnp.ndarray, Dict]]
 
 
 class Trainer:
-  """`boxed` are the parameters with their logical axes (`nn.LogicallyPartitioned` leaves, e.g. a
+  """Training on `layout`'s mesh. `boxed` are the parameters with their logical axes (`nn.LogicallyPartitioned` leaves, e.g. a
   Flax `init`'s output) and their values (host or device arrays, placed leaf by leaf into their
-  shards); `step(batch)` trains on a dict of [B, ...] arrays split over the mesh's batch axes and
-  returns the step's metrics. `frozen` are keyword arguments of `loss_fn` that are read but not
-  trained (e.g. DPO's reference model, already placed on the mesh), passed to every step as
-  arguments rather than compiled into it."""
+  shards); `fit` trains on dicts of [B, ...] arrays split over the mesh's batch axes. `frozen`
+  are keyword arguments of `loss_fn` that are read but not trained (e.g. DPO's reference model,
+  already placed on the mesh), passed to every step as arguments rather than compiled into it."""
 
   def __init__(
     self,
     boxed: Dict,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
-    mesh: Mesh,
+    layout: Layout,
     frozen: Optional[Dict] = None,
   ):
-    self.mesh, self._frozen = mesh, frozen or {}
+    self.layout, self._frozen = layout, frozen or {}
     abstract = jax.eval_shape(lambda: TrainState.create(boxed, tx))
-    self.shardings = logical_shardings(abstract, mesh)
+    self.shardings = logical_shardings(abstract, layout.mesh)
     params = jax.tree.map(jax.device_put, nn.unbox(boxed), self.shardings.params)
-    with mesh_context(mesh):
-      self.state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=self.shardings)(params)
-    self._batch_sharding = batch_sharding(mesh)
+    create = jax.jit(
+      layout.traced(lambda p: TrainState.create(p, tx)), out_shardings=self.shardings
+    )
+    self.state = create(params)
 
     def train_step(state: TrainState, batch: Dict, frozen: Dict):
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -56,130 +57,78 @@ class Trainer:
       new_state, grad_norm, finite = guarded_update(state, grads, loss, tx)
       return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite)
 
-    self._step = jax.jit(train_step, out_shardings=(self.shardings, None), donate_argnums=0)
-    self._evaluate = jax.jit(lambda params, batch, frozen: loss_fn(params, batch, **frozen))
+    self._step = layout.jit_step(train_step, self.shardings, None)
+    self._evaluate = jax.jit(layout.traced(lambda p, batch, frozen: loss_fn(p, batch, **frozen)))
 
-  def _place(self, batch: Dict) -> Dict:
-    """This process's rows of every [B, ...] array, split over the batch axes."""
-    rows = self._batch_sharding.spec[0]
-    return {
-      k: jax.make_array_from_process_local_data(
-        NamedSharding(self.mesh, PartitionSpec(rows, *[None] * (v.ndim - 1))), v
-      )
-      for k, v in batch.items()
-    }
+  def _train_step(self, state: TrainState, batch: Dict) -> Tuple[TrainState, Dict]:
+    """One update of `state` on a placed batch (the state is donated); the new state is kept as
+    the current one, also when the loop stops with an error."""
+    self.state, metrics = self._step(state, batch, self._frozen)
+    return self.state, metrics
 
-  def step(self, batch: Dict) -> Dict:
-    with mesh_context(self.mesh):
-      self.state, metrics = self._step(self.state, self._place(batch), self._frozen)
-    return jax.device_get(metrics)
+  def size(self, batch: Dict, cfg: ModelConfig) -> Tuple[Tuple[int, ...], float]:
+    """([rows, tokens per row], training FLOPs) of a host batch of `cfg`'s model."""
+    shape = batch["tokens"].shape
+    return shape, train_flops_per_token(cfg, shape[1]) * math.prod(shape)
 
-  def save(
-    self, checkpointer: RunCheckpointer, step: int, cfg: ModelConfig, run_config: Dict
-  ) -> None:
-    """Starts saving the state as `step` (batches trained on, skipped ones included), with
-    `run_config` and the model config."""
-    stored = dict(run_config, model=cfg.to_dict(), process_count=jax.process_count())
-    checkpointer.save(step, self.state, None, stored)
+  def evaluate(self, batch: Dict, params: Optional[Dict] = None) -> Tuple[float, Dict]:
+    """(loss, metrics) on `batch` of `params` (default: the current ones), no update."""
+    params = self.state.params if params is None else params
+    loss, metrics = self._evaluate(params, self.layout.place(batch), self._frozen)
+    return float(loss), jax.device_get(metrics)
 
-  def restore(
-    self, checkpointer: RunCheckpointer, step: int, cfg: ModelConfig, run_config: Dict
-  ) -> None:
-    """Replaces the state by the one saved as `step` (onto this trainer's shardings), after
-    checking that it was saved for `cfg`'s architecture and with `run_config`'s values."""
-    stored = checkpointer.stored_config(step)
-    check_resumable(stored, cfg)
-    changed = sorted(k for k, v in run_config.items() if stored.get(k) != v)
-    if changed:
-      details = "; ".join(
-        f"{k}: checkpoint {stored.get(k)!r} vs run {run_config[k]!r}" for k in changed
-      )
-      raise ValueError(f"Cannot resume from {checkpointer.directory} step {step}: {details}")
+  def fit(
+    self,
+    batches: Iterator[Dict],
+    policy: FitPolicy,
+    evaluate: Callable[[Dict], Dict[str, float]],
+    shown: Sequence[str],
+    cfg: ModelConfig,
+    kind: str = "lm",
+    checkpointer: Optional[RunCheckpointer] = None,
+    run_config: Optional[Dict] = None,
+    metrics_file: Optional[str] = None,
+  ) -> Tuple[Dict, Dict]:
+    """Trains with the loop core (train/fit.py) and keeps the final state; returns the records
+    of the start and of the last step. `evaluate(params)` gives held-out metrics, a progress line shows the `shown` entries of a
+    record; `cfg` is the model (architecture) and `kind` its kind
+    ("lm" or "reward"), saved with every checkpoint with `run_config`: what a resume must not
+    change (data, batch size, seed: `batches` repeats the interrupted run's order)."""
+    run_config = run_config or {}
+    task = Task(
+      model=cfg,
+      step=self._train_step,
+      place=self.layout.place,
+      evaluate=evaluate,
+      shown=shown,
+      size=lambda batch: self.size(batch, cfg),
+      run_config={**run_config, "model": cfg.to_dict(), MODEL_KIND_KEY: kind},
+      resume_keys=tuple(run_config),
+    )
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
     )
-    self.state, _ = checkpointer.restore(step, abstract, None)
-
-  def evaluate(self, batch: Dict) -> Tuple[float, Dict]:
-    """(loss, metrics) of the current parameters on `batch`, no update."""
-    with mesh_context(self.mesh):
-      loss, metrics = self._evaluate(self.state.params, self._place(batch), self._frozen)
-    return float(loss), jax.device_get(metrics)
+    result = fit(task, batches, policy, lambda: self.state, abstract, checkpointer, metrics_file)
+    self.state = result.state
+    return result.first, result.last
 
 
-def mean_metrics(trainer: Trainer, rows: Dict[str, np.ndarray], size: int) -> Dict[str, float]:
-  """Each metric of the loss averaged over the batches of `size` rows of `rows` (a remainder is
-  dropped), with the current parameters."""
-  metrics = [trainer.evaluate(batch)[1] for batch in in_batches(rows, size)]
+def mean_metrics(
+  trainer: Trainer, rows: Dict[str, np.ndarray], size: int, params: Optional[Dict] = None
+) -> Dict[str, float]:
+  """Each metric of the loss averaged over batches of `rows` with `params` (default: the
+  trainer's current ones): of
+  `size` rows, or of as many as there are when fewer, in whole multiples of the mesh's batch
+  shards (a remainder is dropped)."""
+  count, shards = len(next(iter(rows.values()))), trainer.layout.batch_degree
+  size = min(size, count - count % shards)
+  if size < 1:
+    raise ValueError(
+      f"{count} held-out rows do not fill one batch over the {shards} batch shards of mesh "
+      f"{trainer.layout.degrees}; hold out more rows"
+    )
+  metrics = [trainer.evaluate(batch, params)[1] for batch in in_batches(rows, size)]
   return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-
-
-def fit(
-  trainer: Trainer,
-  batches: Iterator[Dict],
-  steps: int,
-  evaluate: Callable[[], Dict[str, float]],
-  eval_every: int,
-  describe: Callable[[Dict], str],
-  cfg: ModelConfig,
-  checkpointer: Optional[RunCheckpointer] = None,
-  run_config: Optional[Dict] = None,
-  metrics_file: Optional[str] = None,
-  max_nonfinite_steps: int = TrainConfig.max_nonfinite_steps,
-) -> Tuple[Dict, Dict]:
-  """Trains up to `steps`, one batch of `batches` per step; returns the records (step and
-  metrics) of the start, held-out metrics only, and of the last step.
-
-  `evaluate()` gives held-out metrics, recorded as `eval_<name>` every `eval_every` steps and at the
-  end; `describe(record)` is the progress line's middle part. With `checkpointer`, the state is
-  saved with `run_config` and the model config `cfg` every `checkpointer.save_every` steps, at the
-  end and on SIGTERM (training then stops), and a run finding a checkpoint there resumes from its
-  newest step, skipping the batches already trained on; `run_config` holds what must not change
-  for that (the data, batch size, seed: `batches` repeats the interrupted run's order). Step
-  records are appended to `metrics_file` as JSON lines. A step with a NaN/Inf loss or gradient is
-  skipped (no update) and counted as a step; `max_nonfinite_steps` in a row raise
-  FloatingPointError.
-  """
-  run_config = run_config or {}
-  step = checkpointer.latest_step() if checkpointer else None
-  if step is None:
-    step = 0
-  else:
-    trainer.restore(checkpointer, step, cfg, run_config)
-    for _ in range(step):
-      next(batches)
-    logging.info("Resumed from step %d in %s", step, checkpointer.directory)
-  first = record = {"step": step, **{f"eval_{k}": v for k, v in evaluate().items()}}
-  stop, started = StopRequest(), time.perf_counter()
-  metrics_out = open(metrics_file, "a") if metrics_file else None
-  try:
-    while step < steps and not stop.requested:
-      step += 1
-      record = {"step": step, **{k: float(v) for k, v in trainer.step(next(batches)).items()}}
-      if record["skipped"]:
-        logging.warning("Step %d: non-finite loss or gradient, update skipped", step)
-        if int(trainer.state.nonfinite_streak) >= max_nonfinite_steps:
-          raise FloatingPointError(
-            f"{max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient (last loss "
-            f"{record['loss']}); stopping at step {step}"
-          )
-      if step % eval_every == 0 or step == steps or stop.requested:
-        record.update({f"eval_{k}": v for k, v in evaluate().items()})
-        logging.info(
-          "step %d/%d | %s | %.1fs", step, steps, describe(record), time.perf_counter() - started
-        )
-      if metrics_out:
-        metrics_out.write(json.dumps(record) + "\n")
-        metrics_out.flush()
-      if checkpointer and (checkpointer.should_save(step) or step == steps or stop.requested):
-        trainer.save(checkpointer, step, cfg, run_config)
-  finally:
-    stop.restore()
-    if metrics_out:
-      metrics_out.close()
-    if checkpointer:
-      checkpointer.wait()
-  return first, record
 
 
 def split_rows(rows: Sequence, held_out_fraction: float, seed: int) -> Tuple[List, List]:

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import jax
 from absl import logging
 
-from llama3_jax.config import COMPUTE_FIELDS, ModelConfig
+from llama3_jax.config import ModelConfig, architecture_differences
+from llama3_jax.convert.orbax_io import RUN_CONFIG_ITEM, RUN_STATE_ITEM
 
 
 class _DataPosition:
@@ -50,7 +51,10 @@ class RunCheckpointer:
 
   def save(self, step: int, state, data_position: Optional[Dict], run_config: Dict) -> None:
     """Starts saving `state`, a data iterator's `get_state()` and `run_config` (JSON) as `step`."""
-    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(run_config))
+    args = {
+      RUN_STATE_ITEM: ocp.args.StandardSave(state),
+      RUN_CONFIG_ITEM: ocp.args.JsonSave(run_config),
+    }
     if data_position is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_position))
     self._manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -59,18 +63,20 @@ class RunCheckpointer:
   def restore(self, step: int, abstract_state, data_iterator) -> Tuple[Any, Dict]:
     """(state placed as `abstract_state`'s shardings say, run config); moves `data_iterator` to
     the saved position. The mesh may differ from the one that saved."""
-    args = dict(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore())
+    args = {
+      RUN_STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+      RUN_CONFIG_ITEM: ocp.args.JsonRestore(),
+    }
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     logging.info("Restored step %d from %s", step, self.directory)
-    return restored["state"], restored["config"]
+    return restored[RUN_STATE_ITEM], restored[RUN_CONFIG_ITEM]
 
   def stored_config(self, step: int) -> Dict:
     """The run config saved with `step`, without reading any array."""
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-      "config"
-    ]
+    args = ocp.args.Composite(**{RUN_CONFIG_ITEM: ocp.args.JsonRestore()})
+    return self._manager.restore(step, args=args)[RUN_CONFIG_ITEM]
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -91,14 +97,9 @@ def check_resumable(stored: Dict, model: ModelConfig) -> None:
       f"{jax.process_count()}: resume with {saved_by} processes (the mesh may differ), or restore "
       "only its state (RunCheckpointer.restore without a data iterator) into a new run"
     )
-  current = model.to_dict()
-  differing = sorted(
-    (k, v, current.get(k))
-    for k, v in stored["model"].items()
-    if k not in COMPUTE_FIELDS and current.get(k) != v
-  )
+  differing = architecture_differences(model.to_dict(), stored["model"])
   if differing:
-    details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, a, b in differing)
+    details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, b, a in differing)
     raise ValueError(f"Checkpoint does not match the model config: {details}")
 
 

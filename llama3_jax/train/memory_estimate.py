@@ -1,6 +1,7 @@
 """Closed-form per-device memory of a train step, for layouts too large to compile here.
 
-Each term is a count of bytes per device, derived from the model, batch and mesh degrees alone:
+Each term is a count of bytes per device, derived from the model, the batch and a Layout's degrees
+and pipeline schedule alone (the Layout may be of an AbstractMesh: no devices needed):
 
   state          parameters and the two Adam moments (float32), each split like its parameter.
   gradients      the float32 gradient of every parameter, split like it.
@@ -10,7 +11,8 @@ Each term is a count of bytes per device, derived from the model, batch and mesh
   activations    what the backward pass keeps per layer (by remat policy) for the layers of one
                  pipeline stage, plus the pipeline's input and output buffers.
   logits         fp32 logits, their softmax and gradient of one loss chunk (`loss_chunk` tokens)
-                 of the rows one device scores (with a pipeline, the rows are split over its ranks).
+                 of the rows one device scores (split over the pipeline ranks too where the
+                 Layout's `head_over_pipeline`).
   layer_working  one layer's weights gathered in the compute dtype and their gradient, and its
                  attention scores and probabilities (fp32, local queries x all keys) with the
                  dense implementations, or a few fp32 score tiles with the block-wise ones.
@@ -28,11 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama3_jax.config import MeshConfig, RunConfig
-from llama3_jax.config.mesh_config import MESH_AXES
+from llama3_jax.config import DataConfig
 from llama3_jax.model import param_shapes
 from llama3_jax.model.attention import FLASH_MIN_PAIRS
-from llama3_jax.parallel.pipeline import PipelineSchedule
+from llama3_jax.parallel.layout import Layout
 from llama3_jax.parallel.rules import mesh_axes
 from llama3_jax.train.plan import MemoryPlan
 
@@ -66,14 +67,14 @@ def _split(names, degrees: Dict[str, int]) -> int:
   return math.prod(degrees[axis] for name in names if name for axis in mesh_axes(name))
 
 
-def estimated_memory(run: RunConfig, mesh: MeshConfig, n_devices: int) -> MemoryEstimate:
-  """The closed-form estimate of `run`'s train step on `mesh` over `n_devices` devices. Attention
+def estimated_memory(layout: Layout, data: DataConfig) -> MemoryEstimate:
+  """The closed-form estimate of the Layout's train step on `data`'s batches. Attention
   `xla` (and `auto` on short rows) materialises fp32 scores and probabilities; `dot_product` is
   taken to be a fused kernel that does not (cuDNN on GPU; on CPU it falls back to materialising
   them), like the block-wise kernels (flash, splash, gpu_flash)."""
-  cfg, data, train = run.model, run.data, run.train
-  degrees = dict(zip(MESH_AXES, mesh.resolved(n_devices).degrees()))
-  tp, cp, pp = degrees["tensor"], degrees["context"], degrees["pipeline"]
+  cfg, train, schedule = layout.model, layout.train, layout.schedule
+  degrees = layout.degrees
+  tp, cp, pp = degrees["tensor"], layout.context_degree, layout.pipeline_stages
   compute_bytes = jnp.dtype(cfg.dtype).itemsize
   param_bytes = jnp.dtype(cfg.param_dtype).itemsize
 
@@ -85,10 +86,9 @@ def estimated_memory(run: RunConfig, mesh: MeshConfig, n_devices: int) -> Memory
 
   # Rows of one gradient micro-batch on one device; with a pipeline, a stage runs 1/M of them at
   # a time but keeps what the backward pass needs for all M (and for the bubble's slots).
-  rows = data.global_batch_size / train.micro_batches / (degrees["data"] * degrees["fsdp"])
+  rows = data.global_batch_size / train.micro_batches / layout.batch_degree
   in_flight, kept, pipeline_weights = rows, 1.0, 0.0
-  if pp > 1:
-    schedule = PipelineSchedule(pp, train.pipeline_micro_batches or pp, train.pipeline_interleave)
+  if schedule:
     in_flight = rows / schedule.micro_batches
     kept = schedule.iterations / (schedule.interleave * schedule.micro_batches)
     local_layer_params = layer_params * cfg.n_layers / _split(("layers", "embed", "mlp"), degrees)
@@ -114,16 +114,16 @@ def estimated_memory(run: RunConfig, mesh: MeshConfig, n_devices: int) -> Memory
   else:
     per_row = token_dim * (6 + 4 * cfg.ffn_dim / cfg.dim / tp) + scores
   activations = math.ceil(cfg.n_layers / pp) * rows * per_row * kept
-  if pp > 1:
+  if schedule:
     activations += 2 * rows * token_dim  # the pipeline's input and output buffers
 
   return MemoryEstimate(
     state=3 * param_bytes * local_params,
-    batch=3 * 4 * data.global_batch_size * data.row_len / (degrees["data"] * degrees["fsdp"]),
+    batch=3 * 4 * data.global_batch_size * data.row_len / layout.batch_degree,
     gradients=4 * local_params,
     vocab_grads=(1 if cfg.tie_embeddings else 2) * 4 * cfg.vocab_size * cfg.dim / tp,
     activations=activations,
-    logits=3 * 4 * (rows / pp) * chunk * cfg.vocab_size / tp,
+    logits=3 * 4 * (rows / (pp if layout.head_over_pipeline else 1)) * chunk * cfg.vocab_size / tp,
     layer_working=2 * compute_bytes * layer_params / tp + 2 * in_flight * scores + in_flight * tile,
     pipeline_weights=pipeline_weights,
   )

@@ -1,23 +1,23 @@
 """Ahead-of-time plan of a train step: per-device memory and collectives, without allocating.
 
-`compiled_plan` lowers and compiles the real train step for abstract (shape-only) state and batch
-on a mesh and reads XLA's memory and cost analyses.
+`compiled_plan` lowers and compiles a Layout's real train step for abstract (shape-only) state and
+batch on its mesh and reads XLA's memory and cost analyses.
 """
 
 import collections
 import dataclasses
 import re
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
-from llama3_jax.config import RunConfig
-from llama3_jax.parallel import batch_sharding, mesh_context
+from llama3_jax.config import DataConfig, OptimizerConfig
 from llama3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama3_jax.train.train_state import abstract_train_state
-from llama3_jax.train.train_step import make_train_step
+
+if TYPE_CHECKING:
+  from llama3_jax.parallel.layout import Layout
 
 GIB = 2**30
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -43,33 +43,27 @@ class MemoryPlan:
     )
 
 
-def _abstract_batch(run: RunConfig, mesh: Mesh) -> Dict:
-  shape = (run.data.global_batch_size, run.data.row_len)
-  sharding = batch_sharding(mesh)
+def _abstract_batch(layout: "Layout", data: DataConfig) -> Dict:
+  shape = (data.global_batch_size, data.row_len)
   return {
-    k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+    k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=layout.batch_sharding)
     for k in ("tokens", "positions", "segment_ids")
   }
 
 
-def compiled_plan(run: RunConfig, mesh: Mesh):
-  """(MemoryPlan from XLA's memory analysis, {collective: count in the compiled program}) of
-  `run`'s train step with the state donated. (XLA's cost analysis counts a scanned layer once, so
-  FLOPs come from train/flops.py instead.)"""
-  tx = make_optimizer(run.optimizer, run.train.steps)
-  state = abstract_train_state(run.model, tx, mesh)
-  step = make_train_step(
-    run.model, run.train, tx, learning_rate_schedule(run.optimizer, run.train.steps)
-  )
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  with mesh_context(mesh):
-    compiled = (
-      jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
-      .lower(state, _abstract_batch(run, mesh))
-      .compile()
-    )
+def compiled_plan(layout: "Layout", optimizer: OptimizerConfig, data: DataConfig):
+  """(MemoryPlan from XLA's memory analysis, {collective: count in the compiled program}) of the
+  Layout's train step with `optimizer` on `data`'s batches, the state donated; the batch shape is
+  checked against the Layout first. (XLA's cost analysis counts a scanned layer once, so FLOPs
+  come from train/flops.py instead.)"""
+  layout.check_batch(data.global_batch_size, data.seq_len)
+  steps = layout.train.steps
+  tx = make_optimizer(optimizer, steps)
+  state = abstract_train_state(layout.model, tx, layout.mesh)
+  step = layout.jit_train_step(tx, learning_rate_schedule(optimizer, steps))
+  compiled = step.lower(state, _abstract_batch(layout, data)).compile()
   memory = compiled.memory_analysis()
-  batch_bytes = 3 * 4 * run.data.global_batch_size * run.data.row_len / _batch_shards(mesh)
+  batch_bytes = 3 * 4 * data.global_batch_size * data.row_len / layout.batch_degree
   plan = MemoryPlan(
     state=memory.argument_size_in_bytes - batch_bytes,
     batch=batch_bytes,
@@ -82,7 +76,3 @@ def compiled_plan(run: RunConfig, mesh: Mesh):
     op for op in COLLECTIVES for _ in re.finditer(rf"= [^=]*? {op}(-start)?\(", text)
   )
   return plan, dict(collectives)
-
-
-def _batch_shards(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,23 +1,20 @@
 """One optimizer step: micro-batched gradients in float32, the NaN/Inf guard and step metrics."""
 
-import contextlib
-from typing import Callable, Dict, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from llama3_jax.config import ModelConfig, TrainConfig
 from llama3_jax.model import Transformer
-from llama3_jax.parallel.context import context_degree, reorder_for_context
-from llama3_jax.parallel.pipeline import (
-  PipelineSchedule,
-  pipeline_degree,
-  pipeline_hidden,
-  rows_over_pipeline,
-)
+from llama3_jax.parallel.context import reorder_for_context
+from llama3_jax.parallel.pipeline import pipeline_hidden
 from llama3_jax.train.loss import chunked_log_probs, log_prob_sums, shift_batch
 from llama3_jax.train.train_state import TrainState
+
+if TYPE_CHECKING:
+  from llama3_jax.parallel.layout import Layout
 
 
 def split_micro_batches(tree, n: int):
@@ -31,41 +28,33 @@ def split_micro_batches(tree, n: int):
   return jax.tree.map(split, tree)
 
 
-def pipeline_schedule(train_cfg: TrainConfig, stages: int) -> PipelineSchedule:
-  """The schedule of `train_cfg` over `stages` pipeline ranks (micro-batches default to `stages`)."""
-  return PipelineSchedule(
-    stages, train_cfg.pipeline_micro_batches or stages, train_cfg.pipeline_interleave
+def _hidden(layout: "Layout"):
+  """(params, tokens, positions, segment_ids) -> the last hidden states [B, T, D]: the layers
+  pipelined when the Layout has a pipeline schedule."""
+  cfg, context = layout.model, layout.context_degree
+  if layout.schedule is None:
+    model = Transformer(cfg, context_order=context)
+    return lambda p, *inputs: model.apply({"params": p}, *inputs, method="hidden")
+  return lambda p, *inputs: pipeline_hidden(
+    p, *inputs, cfg, layout.schedule, context, layout.head_rules
   )
 
 
-def _hidden_and_head(model_cfg: ModelConfig, train_cfg: TrainConfig, context: int):
-  """((params, tokens, positions, segment_ids) -> last hidden states [B, T, D], a context manager
-  for the head's rules): the layers pipelined under a `pipeline` mesh axis, where the head runs
-  with the rows split over the pipeline ranks too."""
-  stages = pipeline_degree()
-  if stages == 1:
-    model = Transformer(model_cfg, context_order=context)
-    hidden = lambda p, *inputs: model.apply({"params": p}, *inputs, method="hidden")
-    return hidden, lambda rows: contextlib.nullcontext()
-  schedule = pipeline_schedule(train_cfg, stages)
-  hidden = lambda p, *inputs: pipeline_hidden(p, *inputs, model_cfg, schedule, context)
-  return hidden, rows_over_pipeline
-
-
-def loss_sums_and_grads(params, batch: Dict, model_cfg: ModelConfig, train_cfg: TrainConfig):
+def loss_sums_and_grads(params, batch: Dict, layout: "Layout"):
   """Summed over the batch's valid targets: (cross-entropy, number of targets, gradients of
-  cross-entropy + z-loss), accumulated over micro-batches in float32. Under a mesh with context
-  parallelism the sequence is first put in the load-balanced order (parallel/context.py); with
-  pipeline parallelism the layers run as a pipeline (parallel/pipeline.py). The head and loss run
-  over `train_cfg.loss_chunk` tokens of each row at a time (train/loss.py)."""
-  context = context_degree()
-  hidden, head_rules = _hidden_and_head(model_cfg, train_cfg, context)
-  model = Transformer(model_cfg)
+  cross-entropy + z-loss), accumulated over the Layout's micro-batches in float32. With context
+  parallelism the sequence is first put in the load-balanced order (parallel/context.py); with a
+  pipeline the layers run as one (parallel/pipeline.py). The head and loss run under the Layout's
+  `head_rules`, over `loss_chunk` tokens of each row at a time (train/loss.py). Degrees come from
+  `layout` alone, not from the mesh being traced under."""
+  train_cfg, context = layout.train, layout.context_degree
+  hidden = _hidden(layout)
+  model = Transformer(layout.model)
 
   def objective(p, micro):
     inputs, targets, valid = reorder_for_context(shift_batch(micro), context)
     x_BTD = hidden(p, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
-    with head_rules(x_BTD.shape[0]):
+    with nn.logical_axis_rules(layout.head_rules):
       head = lambda x: model.apply({"params": p}, x, method="head")
       log_p, lse = chunked_log_probs(head, x_BTD, targets, train_cfg.loss_chunk, context)
     ce_sum, z_sum = log_prob_sums(log_p, lse, valid)
@@ -108,25 +97,25 @@ def guarded_update(state: TrainState, grads, loss, tx: optax.GradientTransformat
 
 
 def make_train_step(
-  model_cfg: ModelConfig,
-  train_cfg: TrainConfig,
+  layout: "Layout",
   tx: optax.GradientTransformation,
-  schedule: optax.Schedule,
+  lr_schedule: optax.Schedule,
 ) -> Callable[[TrainState, Dict], Tuple[TrainState, Dict]]:
-  """A pure (state, batch) -> (state, metrics) function; jit it with the state's shardings.
+  """A pure (state, batch) -> (state, metrics) function of the Layout's model and train configs
+  and degrees; `layout.jit_train_step` jits it with the state's shardings.
 
   batch: `tokens`, `positions`, `segment_ids` of [B, T + 1] int32 (see `shift_batch`). A step
   whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged.
   """
 
   def train_step(state: TrainState, batch: Dict):
-    ce_sum, count, grad_sums = loss_sums_and_grads(state.params, batch, model_cfg, train_cfg)
+    ce_sum, count, grad_sums = loss_sums_and_grads(state.params, batch, layout)
     denominator = jnp.maximum(count, 1).astype(jnp.float32)
     loss = ce_sum / denominator
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, state.params)
     new_state, grad_norm, finite = guarded_update(state, grads, loss, tx)
     metrics = dict(
-      loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=count, skipped=~finite
+      loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step), tokens=count, skipped=~finite
     )
     return new_state, metrics
 

@@ -1,0 +1,477 @@
+"""The flag vocabulary of the binaries in experiments/: one name, one meaning and one default per
+flag, in groups a binary defines when it imports them (`cli.define("model", "mesh", ...)`), each
+group's flags shown by that binary's `--help`; and the configs built from them.
+
+The README's flag table is `flag_table()` (a test checks it).
+"""
+
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+from absl import flags, logging
+
+import llama3_jax as l3
+from llama3_jax.config import (
+  CheckpointConfig,
+  DataConfig,
+  DataSource,
+  MeshConfig,
+  ModelConfig,
+  OptimizerConfig,
+  RunConfig,
+  TrainConfig,
+  parse_ramp,
+)
+from llama3_jax.config.model_config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from llama3_jax.convert import checkpoint_or_preset, load_checkpoint
+from llama3_jax.data.chat import Preference, parse_preference_row, read_jsonl
+from llama3_jax.parallel import initialize
+from llama3_jax.parallel.layout import Layout
+from llama3_jax.posttrain.trainer import Trainer, epoch_batches, mean_metrics, split_rows
+from llama3_jax.train import RunCheckpointer, make_optimizer
+from llama3_jax.train.fit import FitPolicy
+from llama3_jax.train.loop import train
+
+FLAGS = flags.FLAGS
+
+# group -> [(definer, name, default, help, extra keyword arguments)]
+_GROUPS = {
+  "checkpoint": [
+    (
+      flags.DEFINE_string,
+      "checkpoint",
+      None,
+      "Model weights to read: Meta consolidated, Hugging Face, ours, or a training run's "
+      "directory (its newest step) or one of its steps.",
+      {},
+    ),
+  ],
+  "preset": [
+    (
+      flags.DEFINE_string,
+      "config",
+      "tiny",
+      "Model preset; random weights without --checkpoint.",
+      {},
+    ),
+  ],
+  "model": [
+    (
+      flags.DEFINE_enum,
+      "attention_impl",
+      None,
+      "Attention implementation (default: the model's, 'auto').",
+      {"enum_values": list(ATTENTION_IMPLS)},
+    ),
+    (
+      flags.DEFINE_enum,
+      "dtype",
+      None,
+      "Compute dtype (default: the model's; parameters keep theirs).",
+      {"enum_values": list(DTYPES)},
+    ),
+    (flags.DEFINE_integer, "seed", 0, "Random weights, data split and order, sampling.", {}),
+  ],
+  "tiles": [
+    (
+      flags.DEFINE_integer,
+      "attention_block",
+      None,
+      "Query and key tile of the block-wise attention kernels, in tokens (default: the model's).",
+      {},
+    ),
+  ],
+  "mesh": [
+    (
+      flags.DEFINE_string,
+      "mesh",
+      "",
+      "Parallelism degrees, e.g. 'fsdp=4,tensor=2' (default: fsdp over every device).",
+      {},
+    ),
+  ],
+  "batch": [
+    (flags.DEFINE_integer, "global_batch_size", 8, "Rows per step, over all processes.", {}),
+    (flags.DEFINE_integer, "seq_len", 128, "Tokens per row.", {}),
+  ],
+  "training": [
+    (flags.DEFINE_integer, "steps", 150, "Train up to this step (batches trained on).", {}),
+    (
+      flags.DEFINE_multi_string,
+      "data",
+      [],
+      "Data files, repeatable: PATTERN[@WEIGHT] (pretraining mixes the sources by weight).",
+      {},
+    ),
+    (flags.DEFINE_float, "held_out_fraction", 0.01, "Share of rows kept out for eval.", {}),
+    (flags.DEFINE_float, "lr", 3e-4, "Peak learning rate.", {}),
+    (flags.DEFINE_integer, "warmup_steps", None, "Default: min(8000, steps // 10).", {}),
+    (flags.DEFINE_integer, "decay_steps", None, "Cosine decay length; default: steps.", {}),
+    (flags.DEFINE_integer, "anneal_steps", 0, "Final linear anneal to 0 over this many steps.", {}),
+    (flags.DEFINE_integer, "eval_every", 50, "Held-out metrics every N steps (0: never).", {}),
+    (flags.DEFINE_integer, "log_every", 10, "Progress line every N steps.", {}),
+    (
+      flags.DEFINE_string,
+      "checkpoint_dir",
+      None,
+      "Save the train state here every --save_every steps; a re-run resumes from here.",
+      {},
+    ),
+    (flags.DEFINE_integer, "save_every", 100, "Checkpoint every N steps.", {}),
+    (flags.DEFINE_integer, "keep_checkpoints", 3, "Newest checkpoints kept.", {}),
+    (flags.DEFINE_string, "metrics_file", None, "Append JSON lines of step metrics here.", {}),
+  ],
+  "memory": [
+    (
+      flags.DEFINE_enum,
+      "remat",
+      None,
+      "Rematerialisation policy (default: the model's).",
+      {"enum_values": list(REMAT_POLICIES)},
+    ),
+    (
+      flags.DEFINE_integer,
+      "loss_chunk",
+      1024,
+      "Tokens per row per output-head/loss chunk (0: all at once).",
+      {},
+    ),
+  ],
+  "schedule": [
+    (flags.DEFINE_integer, "micro_batches", 1, "Gradient accumulation micro-batches.", {}),
+    (
+      flags.DEFINE_integer,
+      "pipeline_micro_batches",
+      0,
+      "Micro-batches in flight through the pipeline stages (0: one per stage).",
+      {},
+    ),
+    (
+      flags.DEFINE_integer,
+      "pipeline_interleave",
+      1,
+      "Virtual pipeline stages per device (>1: the interleaved schedule).",
+      {},
+    ),
+  ],
+  "generation": [
+    (flags.DEFINE_integer, "max_new_tokens", 32, "Tokens to generate per prompt at most.", {}),
+  ],
+  "sampling": [
+    (flags.DEFINE_float, "temperature", 0.6, "Sampling temperature (0: greedy).", {}),
+    (flags.DEFINE_integer, "top_k", 0, "Keep the k most likely tokens (0: all).", {}),
+    (flags.DEFINE_float, "top_p", 0.9, "Nucleus sampling mass.", {}),
+  ],
+  "pretraining": [
+    (
+      flags.DEFINE_string,
+      "batch_ramp",
+      "",
+      "Batch-size / sequence-length ramp: START_TOKENS:ROWSxSEQ_LEN,... e.g. the paper's "
+      "'252e6:1024x8192,2.87e12:2048x8192' after --global_batch_size=1024 --seq_len=4096.",
+      {},
+    ),
+    (
+      flags.DEFINE_enum,
+      "data_kind",
+      "auto",
+      "Kind of every --data source; auto: by extension (.jsonl, .array_record, else text files, "
+      'one document each). chat: JSONL dialogs {"messages": [...]}, the loss on the assistant\'s '
+      "tokens only (SFT). No --data: the embedded standard-library corpus.",
+      {"enum_values": ["auto", "text", "jsonl", "array_record", "chat"]},
+    ),
+    (flags.DEFINE_string, "data_field", "text", "JSON field holding the text.", {}),
+    (flags.DEFINE_float, "z_loss", 0.0, "z-loss weight.", {}),
+    (
+      flags.DEFINE_float,
+      "peak_tflops_per_device",
+      0.0,
+      "Peak bf16 TFLOP/s of one device, for MFU (e.g. 989 for H100).",
+      {},
+    ),
+    (
+      flags.DEFINE_string,
+      "sample_prompt",
+      "def fibonacci(n):",
+      "Continued greedily at the end.",
+      {},
+    ),
+  ],
+  "distributed": [
+    (
+      flags.DEFINE_string,
+      "coordinator_address",
+      None,
+      "host:port of process 0 of a multi-process job (with --num_processes, --process_id).",
+      {},
+    ),
+    (flags.DEFINE_integer, "num_processes", None, "Processes in the job.", {}),
+    (flags.DEFINE_integer, "process_id", None, "This process's index.", {}),
+    (
+      flags.DEFINE_bool,
+      "multihost",
+      False,
+      "Join the job JAX finds in the environment (Cloud TPU pod slices).",
+      {},
+    ),
+  ],
+  "output": [
+    (flags.DEFINE_string, "output", None, "Write the result here.", {}),
+  ],
+}
+
+
+def define(*groups: str) -> None:
+  """Defines the flags of `groups` (keys of the vocabulary) as key flags of the calling binary:
+  its `--help` lists them. Call once, at import."""
+  caller = sys._getframe(1).f_globals["__name__"]
+  caller = sys.argv[0] if caller == "__main__" else caller
+  for group in groups:
+    for definer, name, default, help_text, extra in _GROUPS[group]:
+      definer(name=name, default=default, help=help_text, **extra)
+      FLAGS.register_key_flag_for_module(caller, FLAGS[name])
+
+
+def flag_table() -> str:
+  """The vocabulary as a Markdown table (group, flag, default, meaning), as in the README."""
+  lines = ["| group | flag | default | meaning |", "| --- | --- | --- | --- |"]
+  for group, entries in _GROUPS.items():
+    for _, name, default, help_text, _ in entries:
+      shown = "" if default in (None, [], "") else f"`{default}`"
+      lines.append(f"| {group} | `--{name}` | {shown} | {help_text} |")
+  return "\n".join(lines)
+
+
+def mesh_config() -> MeshConfig:
+  return MeshConfig.parse(FLAGS.mesh)
+
+
+_MODEL_FIELDS = {
+  "attention_impl": ("attention_impl",),
+  "attention_block": ("attention_block_q", "attention_block_kv"),
+  "dtype": ("dtype",),
+  "remat": ("remat_policy",),
+}
+
+
+def model_overrides(*names: str) -> Dict:
+  """{ModelConfig field: value} of the model-field flags among `names` that were given."""
+  return {
+    field: FLAGS[name].value
+    for name in names
+    if FLAGS[name].value is not None
+    for field in _MODEL_FIELDS[name]
+  }
+
+
+def load_model(mesh=None, **overrides) -> Tuple[ModelConfig, Dict]:
+  """(config, params) of --checkpoint, or of --config randomly initialised with --seed, with
+  --attention_impl and --dtype when given and `overrides`; placed in their shards on `mesh` when
+  given."""
+  overrides = {**model_overrides("attention_impl", "dtype"), **overrides}
+  return checkpoint_or_preset(FLAGS.checkpoint, FLAGS.config, FLAGS.seed, mesh, **overrides)
+
+
+def sampling_config() -> "l3.SamplingConfig":
+  return l3.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+
+
+def optimizer_config() -> OptimizerConfig:
+  """AdamW's schedule from --lr, --warmup_steps, --decay_steps, --anneal_steps over --steps."""
+  steps = FLAGS.steps
+  warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else min(8000, steps // 10)
+  return OptimizerConfig(
+    peak_lr=FLAGS.lr,
+    warmup_steps=warmup,
+    decay_steps=FLAGS.decay_steps or max(steps, warmup + 1),
+    anneal_steps=FLAGS.anneal_steps,
+  )
+
+
+def checkpoint_config() -> CheckpointConfig:
+  return CheckpointConfig(FLAGS.checkpoint_dir, FLAGS.save_every, FLAGS.keep_checkpoints)
+
+
+def fit_policy(eval_at_start: bool) -> FitPolicy:
+  return FitPolicy(
+    steps=FLAGS.steps,
+    eval_every=FLAGS.eval_every,
+    eval_at_start=eval_at_start,
+    log_every=FLAGS.log_every,
+  )
+
+
+def required(*names: str) -> None:
+  """Marks flags of the vocabulary as required by this binary."""
+  for name in names:
+    flags.mark_flag_as_required(name)
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of Orbax and grain; their warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno > logging.INFO or not any(
+      part in record.pathname for part in ("/orbax/", "/grain/")
+    )
+
+
+def quiet_libraries() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+# --- Pretraining and SFT (pretrain.py, sft.py).
+
+PRETRAINING_GROUPS = (
+  "checkpoint",
+  "preset",
+  "model",
+  "tiles",
+  "mesh",
+  "batch",
+  "training",
+  "memory",
+  "schedule",
+  "pretraining",
+  "distributed",
+  "generation",
+)
+
+_KINDS = {".jsonl": "jsonl", ".array_record": "array_record", ".arrayrecord": "array_record"}
+
+
+def data_sources() -> Tuple[DataSource, ...]:
+  """--data PATTERN[@WEIGHT] entries of --data_kind (auto: by extension) reading --data_field."""
+  sources = []
+  for spec in FLAGS.data:
+    pattern, _, weight = spec.partition("@")
+    kind = FLAGS.data_kind
+    if kind == "auto":
+      kind = _KINDS.get(os.path.splitext(pattern)[1], "text")
+    field = FLAGS.data_field if kind in _KINDS.values() else "text"
+    sources.append(DataSource(pattern, kind, float(weight or 1.0), field))
+  return tuple(sources)
+
+
+def run_config(model_cfg: ModelConfig) -> RunConfig:
+  """The pretraining run the flags describe, for `model_cfg` with --attention_impl / --remat."""
+  return RunConfig(
+    model=model_cfg.replace(
+      **model_overrides("attention_impl", "attention_block", "dtype", "remat")
+    ),
+    mesh=mesh_config(),
+    optimizer=optimizer_config(),
+    data=DataConfig(
+      sources=data_sources(),
+      seq_len=FLAGS.seq_len,
+      global_batch_size=FLAGS.global_batch_size,
+      seed=FLAGS.seed,
+      held_out_fraction=FLAGS.held_out_fraction,
+      ramp=parse_ramp(FLAGS.batch_ramp),
+    ),
+    train=TrainConfig(
+      steps=FLAGS.steps,
+      micro_batches=FLAGS.micro_batches,
+      pipeline_micro_batches=FLAGS.pipeline_micro_batches,
+      pipeline_interleave=FLAGS.pipeline_interleave,
+      z_loss_weight=FLAGS.z_loss,
+      log_every=FLAGS.log_every,
+      eval_every=FLAGS.eval_every,
+      peak_tflops_per_device=FLAGS.peak_tflops_per_device,
+      loss_chunk=FLAGS.loss_chunk,
+    ),
+    checkpoint=checkpoint_config(),
+  )
+
+
+def pretraining_main(argv) -> None:
+  """pretrain.py's and sft.py's main: join the job, train, continue --sample_prompt."""
+  del argv
+  quiet_libraries()
+  initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost)
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # progress is logged by process 0
+  tokenizer = l3.Tokenizer.default()
+  init_params = None
+  if FLAGS.checkpoint:
+    model_cfg, init_params = load_checkpoint(FLAGS.checkpoint, param_dtype="float32")
+  else:
+    model_cfg = l3.get_config(FLAGS.config, param_dtype="float32")
+  run = run_config(model_cfg)
+  logging.info("Model %s: %s parameters", model_cfg.name, f"{l3.count_params(model_cfg):,}")
+  state = train(run, tokenizer, init_params=init_params, metrics_file=FLAGS.metrics_file)
+  if FLAGS.sample_prompt and FLAGS.max_new_tokens and jax.process_index() == 0:
+    prompt = tokenizer.encode(FLAGS.sample_prompt, bos=True, eos=False)
+    [sample] = l3.generate(
+      run.model,
+      state.params,
+      [prompt],
+      max_new_tokens=FLAGS.max_new_tokens,
+      stop_ids=tokenizer.stop_ids,
+      sampling=l3.SamplingConfig(temperature=0.0),
+    )
+    print(
+      f"--- sample after step {int(state.step)}\n{FLAGS.sample_prompt}{tokenizer.decode(sample)}"
+    )
+
+
+# --- Training on preference rows (reward.py, dpo.py).
+
+
+def read_preferences() -> Tuple[List[Preference], List[Preference]]:
+  """(training, held-out) preferences of every --data JSONL file, split by --seed."""
+  rows = [row for path in FLAGS.data for row in read_jsonl(path, parse_preference_row)]
+  return split_rows(rows, FLAGS.held_out_fraction, FLAGS.seed)
+
+
+def make_trainer(
+  boxed: Dict, loss_fn: Callable, cfg: ModelConfig, mesh, frozen: Optional[Dict] = None
+) -> Trainer:
+  """A Trainer of `cfg`'s `boxed` parameters (and `frozen` loss inputs) on `mesh`, AdamW
+  scheduled by the flags."""
+  tx = make_optimizer(optimizer_config(), FLAGS.steps)
+  return Trainer(boxed, loss_fn, tx, Layout.build(cfg, mesh), frozen)
+
+
+def fit_preferences(
+  trainer: Trainer,
+  rows: Dict,
+  eval_rows: Dict,
+  shown: Sequence[str],
+  cfg: ModelConfig,
+  kind: str,
+) -> Tuple[Dict, Dict]:
+  """`Trainer.fit` with the flags: batches of --global_batch_size `rows` shuffled by --seed,
+  held-out metrics averaged over `eval_rows` at the start and every --eval_every steps,
+  checkpoints of a `kind` model in --checkpoint_dir (resumed when there; a resume must keep the
+  data, split, batch, length and seed), metrics to --metrics_file. Returns (start, last)
+  records."""
+  settings = checkpoint_config()
+  checkpointer = None
+  if settings.directory:
+    checkpointer = RunCheckpointer(settings.directory, settings.save_every, settings.keep)
+  order = dict(
+    data=[os.path.abspath(path) for path in FLAGS.data],
+    held_out_fraction=FLAGS.held_out_fraction,
+    batch_size=FLAGS.global_batch_size,
+    seq_len=FLAGS.seq_len,
+    seed=FLAGS.seed,
+  )
+  size = FLAGS.global_batch_size
+  try:
+    return trainer.fit(
+      epoch_batches(rows, size, FLAGS.seed),
+      fit_policy(eval_at_start=True),
+      lambda params: mean_metrics(trainer, eval_rows, size, params),
+      shown,
+      cfg,
+      kind,
+      checkpointer=checkpointer,
+      run_config=order,
+      metrics_file=FLAGS.metrics_file,
+    )
+  finally:
+    if checkpointer:
+      checkpointer.close()

@@ -1,0 +1,276 @@
+"""The loop core every training binary runs: steps, progress lines and metrics records, held-out
+evaluation, checkpoints and resume, SIGTERM, the NaN/Inf streak, and where the time went.
+
+A step is one batch trained on, whether its update was applied or skipped for a non-finite loss;
+checkpoints are numbered by steps. Pretraining, SFT, the reward model and DPO are `Task`s: they
+supply the jitted step, batch placement, held-out metrics and what to record; none has a loop.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from llama3_jax.config import ModelConfig
+from llama3_jax.config.base import ConfigBase
+from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_resumable
+from llama3_jax.train.train_state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPolicy(ConfigBase):
+  """When things happen, in steps. Held-out metrics every `eval_every` steps (0: never), at the
+  last step and when stopping early, and before the first step with `eval_at_start`; a progress
+  line every `log_every` steps and at every evaluation; `max_nonfinite_steps` skipped steps in a
+  row raise FloatingPointError. `peak_tflops_per_device` (0: unknown) turns TFLOP/s into MFU."""
+
+  steps: int
+  eval_every: int = 0
+  eval_at_start: bool = False
+  log_every: int = 10
+  max_nonfinite_steps: int = 10
+  peak_tflops_per_device: float = 0.0
+
+  def __post_init__(self):
+    self._require_at_least(1, "steps", "log_every", "max_nonfinite_steps")
+    self._require_at_least(0, "eval_every", "peak_tflops_per_device")
+
+  def evaluates_at(self, step: int, stopping: bool) -> bool:
+    return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.steps or stopping)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a kind of training supplies to `fit`.
+
+  `step(state, batch)` is the jitted update on a placed batch (state donated), returning the new
+  state and scalar metrics (with `skipped`: the update was not applied); `place(batch)` puts a
+  host batch's arrays onto the devices; `evaluate(params)` gives held-out metrics (recorded as
+  `eval_<name>`); a progress line shows the record's entries named in `shown` (when present);
+  `size(batch)` is the host
+  batch's (shape recorded as `batch_shape`: tokens trained on, training FLOPs). `run_config` (JSON)
+  is saved with every checkpoint; a resume must match its `model` (architecture) and every entry
+  named in `resume_keys`. `extras()` adds entries to every record (e.g. a count of bad rows).
+  """
+
+  model: ModelConfig
+  step: Callable[[TrainState, Dict], Tuple[TrainState, Dict]]
+  place: Callable[[Dict], Dict]
+  evaluate: Optional[Callable[[Any], Dict[str, float]]]
+  shown: Sequence[str]
+  size: Callable[[Dict], Tuple[Tuple[int, ...], float]]
+  run_config: Dict
+  resume_keys: Sequence[str] = ()
+  extras: Callable[[], Dict] = dict
+
+
+@dataclasses.dataclass
+class TimeBreakdown:
+  """Wall seconds by activity; goodput is the share spent in training steps. `data` is host time
+  spent reading and placing batches, most of it while the devices run the step before."""
+
+  compile: float = 0.0
+  data: float = 0.0
+  steps: float = 0.0
+  evaluation: float = 0.0
+  checkpointing: float = 0.0
+
+  def summary(self, total: float) -> str:
+    parts = ", ".join(
+      f"{name} {seconds:.1f}s" for name, seconds in dataclasses.asdict(self).items()
+    )
+    return f"{total:.1f}s total: {parts}; goodput {self.steps / max(total, 1e-9):.1%}"
+
+
+@dataclasses.dataclass
+class FitResult:
+  """The final state; the records of the start (step and, with `eval_at_start`, held-out
+  metrics) and of the last step; where the time went."""
+
+  state: TrainState
+  first: Dict
+  last: Dict
+  times: TimeBreakdown
+
+
+class _Throughput:
+  """Tokens/s, TFLOP/s and ETA over the steps since the last new batch shape (whose first step
+  compiles and is timed as compilation)."""
+
+  def __init__(self):
+    self.shapes = set()
+    self._reset()
+
+  def _reset(self):
+    self.seconds, self.steps, self.tokens, self.flops = 0.0, 0, 0, 0.0
+
+  def add(self, shape, flops: float, seconds: float, times: TimeBreakdown) -> None:
+    if shape not in self.shapes:
+      self.shapes.add(shape)
+      times.compile += seconds
+      self._reset()
+      return
+    times.steps += seconds
+    self.seconds += seconds
+    self.steps += 1
+    self.tokens += math.prod(shape)
+    self.flops += flops
+
+  def record(self, remaining_steps: int, peak_tflops_per_device: float) -> Dict:
+    if not self.steps:
+      return {}
+    record = dict(
+      tokens_per_s=self.tokens / self.seconds,
+      tflops_per_s=self.flops / self.seconds / 1e12,
+      eta_s=self.seconds / self.steps * remaining_steps,
+    )
+    if peak_tflops_per_device:
+      record["mfu"] = record["tflops_per_s"] / (peak_tflops_per_device * jax.device_count())
+    return record
+
+
+def _format_eta(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _number(value) -> str:
+  return f"{value:.2e}" if isinstance(value, float) and 0 < abs(value) < 1e-2 else f"{value:.4f}"
+
+
+def _progress_line(record: Dict, steps: int, shown: Sequence[str]) -> str:
+  line = " | ".join(
+    [f"step {record['step']}/{steps}"]
+    + [f"{name} {_number(record[name])}" for name in shown if name in record]
+  )
+  if "tokens_per_s" in record:
+    line += f" | {record['tokens_per_s']:,.0f} tok/s | {record['tflops_per_s']:.3f} TFLOP/s"
+    if "mfu" in record:
+      line += f" | MFU {record['mfu']:.1%}"
+    line += f" | ETA {_format_eta(record['eta_s'])}"
+  return line
+
+
+def _scalar(value):
+  value = np.asarray(value)
+  if value.dtype == np.bool_:
+    return bool(value)
+  return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
+
+
+def _restore(checkpointer: RunCheckpointer, step: int, task: Task, abstract, batches):
+  """The state saved as `step`, after checking the run may resume from it; a batch iterator with
+  a position (`get_state`) is moved to the saved one, any other is advanced by `step` batches."""
+  stored = checkpointer.stored_config(step)
+  check_resumable(stored, task.model)
+  changed = sorted(k for k in task.resume_keys if stored.get(k) != task.run_config[k])
+  if changed:
+    details = "; ".join(
+      f"{k}: checkpoint {stored.get(k)!r} vs run {task.run_config[k]!r}" for k in changed
+    )
+    raise ValueError(f"Cannot resume from {checkpointer.directory} step {step}: {details}")
+  positioned = hasattr(batches, "get_state")
+  state, _ = checkpointer.restore(step, abstract, batches if positioned else None)
+  if not positioned:
+    for _ in range(step):
+      next(batches)
+  logging.info("Resumed from step %d in %s", step, checkpointer.directory)
+  return state
+
+
+def fit(
+  task: Task,
+  batches: Iterator[Dict],
+  policy: FitPolicy,
+  init_state: Callable[[], TrainState],
+  abstract_state: TrainState,
+  checkpointer: Optional[RunCheckpointer] = None,
+  metrics_file: Optional[str] = None,
+) -> FitResult:
+  """Trains `task` on `batches` (host dicts of [B, ...] arrays) up to `policy.steps`.
+
+  With `checkpointer`, a checkpoint there is resumed (its newest step, restored into
+  `abstract_state`: ShapeDtypeStructs with shardings), else the state is `init_state()`; the state
+  (with the data position, when `batches` has `get_state`) is saved every `save_every` steps, at
+  the end, and on SIGTERM, which ends training after the current step. Records (JSON lines) are
+  appended to `metrics_file`. The next batch is read while the devices run the current step.
+  """
+  started, times = time.perf_counter(), TimeBreakdown()
+  step = checkpointer.latest_step() if checkpointer else None
+  if step is None:
+    step, state = 0, init_state()
+  else:
+    state = _restore(checkpointer, step, task, abstract_state, batches)
+  positioned = hasattr(batches, "get_state")
+
+  def evaluate(record):
+    t = time.perf_counter()
+    record.update({f"eval_{k}": v for k, v in task.evaluate(state.params).items()})
+    times.evaluation += time.perf_counter() - t
+
+  def draw():
+    t = time.perf_counter()
+    batch = next(batches)
+    placed = task.place(batch)
+    position = batches.get_state() if positioned else None
+    times.data += time.perf_counter() - t
+    return batch, placed, position
+
+  first = last = {"step": step}
+  if policy.eval_at_start and task.evaluate:
+    evaluate(first)
+  logging.info("Training from step %d to %d", step, policy.steps)
+  stop, throughput, upcoming = StopRequest(), _Throughput(), None
+  metrics_out = open(metrics_file, "a") if metrics_file and jax.process_index() == 0 else None
+  try:
+    while step < policy.steps and not stop.requested:
+      batch, placed, position = upcoming or draw()
+      shape, flops = task.size(batch)
+      t, data_before = time.perf_counter(), times.data
+      state, metrics = task.step(state, placed)
+      upcoming = draw() if step + 1 < policy.steps else None
+      metrics = jax.device_get(metrics)
+      throughput.add(shape, flops, time.perf_counter() - t - (times.data - data_before), times)
+      step += 1
+      last = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+      last["batch_shape"] = list(shape)
+      last.update(throughput.record(policy.steps - step, policy.peak_tflops_per_device))
+      last.update(task.extras())
+      if last["skipped"]:
+        logging.warning("Step %d: non-finite loss or gradient, update skipped", step)
+        if int(state.nonfinite_streak) >= policy.max_nonfinite_steps:
+          raise FloatingPointError(
+            f"{policy.max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient "
+            f"(last loss {last.get('loss')}); stopping at step {step}"
+          )
+      evaluated = task.evaluate is not None and policy.evaluates_at(step, stop.requested)
+      if evaluated:
+        evaluate(last)
+      if metrics_out:
+        metrics_out.write(json.dumps(last) + "\n")
+        metrics_out.flush()
+      if step % policy.log_every == 0 or step == policy.steps or evaluated:
+        logging.info("%s", _progress_line(last, policy.steps, task.shown))
+      if checkpointer and (
+        checkpointer.should_save(step) or step == policy.steps or stop.requested
+      ):
+        t = time.perf_counter()
+        stored = dict(task.run_config, process_count=jax.process_count())
+        checkpointer.save(step, state, position, stored)
+        times.checkpointing += time.perf_counter() - t
+  finally:
+    stop.restore()
+    if metrics_out:
+      metrics_out.close()
+    if checkpointer:
+      t = time.perf_counter()
+      checkpointer.wait()
+      times.checkpointing += time.perf_counter() - t
+  logging.info("Time: %s", times.summary(time.perf_counter() - started))
+  return FitResult(state, first, last, times)
