@@ -14,7 +14,7 @@ import os
 import cli
 from absl import app, flags
 
-from llama3_jax.convert import save_orbax
+from llama3_jax.convert import checkpoint_kind, save_orbax
 from llama3_jax.convert.orbax_io import is_orbax_checkpoint, run_steps
 from llama3_jax.parallel import make_mesh
 from llama3_jax.posttrain.averaging import average_checkpoints, normalized_weights
@@ -86,8 +86,9 @@ def main(argv):
   _check_output_replaceable(FLAGS.output, _OVERWRITE.value)
   paths, weights = _checkpoints(), _weights()
   mesh = make_mesh(cli.mesh_config())
-  cfg, params = average_checkpoints(paths, weights, mesh=mesh)
-  save_orbax(FLAGS.output, cfg, params, overwrite=_OVERWRITE.value)
+  kind = checkpoint_kind(paths[0])  # every other checkpoint must be of this kind
+  cfg, params = average_checkpoints(paths, weights, mesh=mesh, kind=kind)
+  save_orbax(FLAGS.output, cfg, params, overwrite=_OVERWRITE.value, kind=kind)
   for path, fraction in zip(paths, normalized_weights(weights, len(paths))):
     print(f"{path}: weight {fraction:.6g}")
   print(f"averaged {cfg.name} checkpoint written to {FLAGS.output}")

@@ -1,16 +1,16 @@
 """The flag vocabulary of the binaries in experiments/: one name, one meaning and one default per
 flag, in groups a binary defines when it imports them (`cli.define("model", "mesh", ...)`), each
-group's flags shown by that binary's `--help`; and the configs built from them.
+group's flags shown by that binary's `--help`; and the configs built from them (jobs.py runs
+the jobs several binaries share).
 
 The README's flag table is `flag_table()` (a test checks it).
 """
 
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Tuple
 
-import jax
-from absl import flags, logging
+from absl import flags
 
 import llama3_jax as l3
 from llama3_jax.config import (
@@ -25,14 +25,8 @@ from llama3_jax.config import (
   parse_ramp,
 )
 from llama3_jax.config.model_config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
-from llama3_jax.convert import checkpoint_or_preset, load_checkpoint
-from llama3_jax.data.chat import Preference, parse_preference_row, read_jsonl
-from llama3_jax.parallel import initialize
-from llama3_jax.parallel.layout import Layout
-from llama3_jax.posttrain.trainer import Trainer, epoch_batches, mean_metrics, split_rows
-from llama3_jax.train import RunCheckpointer, make_optimizer
+from llama3_jax.convert import checkpoint_or_preset
 from llama3_jax.train.fit import FitPolicy
-from llama3_jax.train.loop import train
 
 FLAGS = flags.FLAGS
 
@@ -121,6 +115,14 @@ _GROUPS = {
     ),
     (flags.DEFINE_integer, "save_every", 100, "Checkpoint every N steps.", {}),
     (flags.DEFINE_integer, "keep_checkpoints", 3, "Newest checkpoints kept.", {}),
+    (
+      flags.DEFINE_bool,
+      "allow_data_change",
+      False,
+      "Let a resume change the data (sources, seed, row length, batch, split): the data then "
+      "start afresh. Without it such a resume is refused.",
+      {},
+    ),
     (flags.DEFINE_string, "metrics_file", None, "Append JSON lines of step metrics here.", {}),
   ],
   "memory": [
@@ -291,7 +293,12 @@ def optimizer_config() -> OptimizerConfig:
 
 
 def checkpoint_config() -> CheckpointConfig:
-  return CheckpointConfig(FLAGS.checkpoint_dir, FLAGS.save_every, FLAGS.keep_checkpoints)
+  return CheckpointConfig(
+    FLAGS.checkpoint_dir,
+    FLAGS.save_every,
+    FLAGS.keep_checkpoints,
+    allow_data_change=FLAGS.allow_data_change,
+  )
 
 
 def fit_policy(eval_at_start: bool) -> FitPolicy:
@@ -300,6 +307,7 @@ def fit_policy(eval_at_start: bool) -> FitPolicy:
     eval_every=FLAGS.eval_every,
     eval_at_start=eval_at_start,
     log_every=FLAGS.log_every,
+    allow_data_change=FLAGS.allow_data_change,
   )
 
 
@@ -309,20 +317,7 @@ def required(*names: str) -> None:
     flags.mark_flag_as_required(name)
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of Orbax and grain; their warnings and errors still show."""
-
-  def filter(self, record):
-    return record.levelno > logging.INFO or not any(
-      part in record.pathname for part in ("/orbax/", "/grain/")
-    )
-
-
-def quiet_libraries() -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
-# --- Pretraining and SFT (pretrain.py, sft.py).
+# --- The pretraining run (pretrain.py, sft.py).
 
 PRETRAINING_GROUPS = (
   "checkpoint",
@@ -384,94 +379,3 @@ def run_config(model_cfg: ModelConfig) -> RunConfig:
     ),
     checkpoint=checkpoint_config(),
   )
-
-
-def pretraining_main(argv) -> None:
-  """pretrain.py's and sft.py's main: join the job, train, continue --sample_prompt."""
-  del argv
-  quiet_libraries()
-  initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost)
-  if jax.process_index() > 0:
-    logging.set_verbosity(logging.WARNING)  # progress is logged by process 0
-  tokenizer = l3.Tokenizer.default()
-  init_params = None
-  if FLAGS.checkpoint:
-    model_cfg, init_params = load_checkpoint(FLAGS.checkpoint, param_dtype="float32")
-  else:
-    model_cfg = l3.get_config(FLAGS.config, param_dtype="float32")
-  run = run_config(model_cfg)
-  logging.info("Model %s: %s parameters", model_cfg.name, f"{l3.count_params(model_cfg):,}")
-  state = train(run, tokenizer, init_params=init_params, metrics_file=FLAGS.metrics_file)
-  if FLAGS.sample_prompt and FLAGS.max_new_tokens and jax.process_index() == 0:
-    prompt = tokenizer.encode(FLAGS.sample_prompt, bos=True, eos=False)
-    [sample] = l3.generate(
-      run.model,
-      state.params,
-      [prompt],
-      max_new_tokens=FLAGS.max_new_tokens,
-      stop_ids=tokenizer.stop_ids,
-      sampling=l3.SamplingConfig(temperature=0.0),
-    )
-    print(
-      f"--- sample after step {int(state.step)}\n{FLAGS.sample_prompt}{tokenizer.decode(sample)}"
-    )
-
-
-# --- Training on preference rows (reward.py, dpo.py).
-
-
-def read_preferences() -> Tuple[List[Preference], List[Preference]]:
-  """(training, held-out) preferences of every --data JSONL file, split by --seed."""
-  rows = [row for path in FLAGS.data for row in read_jsonl(path, parse_preference_row)]
-  return split_rows(rows, FLAGS.held_out_fraction, FLAGS.seed)
-
-
-def make_trainer(
-  boxed: Dict, loss_fn: Callable, cfg: ModelConfig, mesh, frozen: Optional[Dict] = None
-) -> Trainer:
-  """A Trainer of `cfg`'s `boxed` parameters (and `frozen` loss inputs) on `mesh`, AdamW
-  scheduled by the flags."""
-  tx = make_optimizer(optimizer_config(), FLAGS.steps)
-  return Trainer(boxed, loss_fn, tx, Layout.build(cfg, mesh), frozen)
-
-
-def fit_preferences(
-  trainer: Trainer,
-  rows: Dict,
-  eval_rows: Dict,
-  shown: Sequence[str],
-  cfg: ModelConfig,
-  kind: str,
-) -> Tuple[Dict, Dict]:
-  """`Trainer.fit` with the flags: batches of --global_batch_size `rows` shuffled by --seed,
-  held-out metrics averaged over `eval_rows` at the start and every --eval_every steps,
-  checkpoints of a `kind` model in --checkpoint_dir (resumed when there; a resume must keep the
-  data, split, batch, length and seed), metrics to --metrics_file. Returns (start, last)
-  records."""
-  settings = checkpoint_config()
-  checkpointer = None
-  if settings.directory:
-    checkpointer = RunCheckpointer(settings.directory, settings.save_every, settings.keep)
-  order = dict(
-    data=[os.path.abspath(path) for path in FLAGS.data],
-    held_out_fraction=FLAGS.held_out_fraction,
-    batch_size=FLAGS.global_batch_size,
-    seq_len=FLAGS.seq_len,
-    seed=FLAGS.seed,
-  )
-  size = FLAGS.global_batch_size
-  try:
-    return trainer.fit(
-      epoch_batches(rows, size, FLAGS.seed),
-      fit_policy(eval_at_start=True),
-      lambda params: mean_metrics(trainer, eval_rows, size, params),
-      shown,
-      cfg,
-      kind,
-      checkpointer=checkpointer,
-      run_config=order,
-      metrics_file=FLAGS.metrics_file,
-    )
-  finally:
-    if checkpointer:
-      checkpointer.close()

@@ -11,6 +11,7 @@ saves and resumes the train state; --output writes the trained policy.
 import functools
 
 import cli
+import jobs
 from absl import app, flags
 
 import llama3_jax as l3
@@ -34,11 +35,11 @@ _REFERENCE = flags.DEFINE_enum(
 
 def main(argv):
   del argv
-  cli.quiet_libraries()
+  jobs.quiet_libraries()
   chat = l3.ChatFormat(l3.Tokenizer.default())
   mesh = make_mesh(cli.mesh_config())
   cfg, params = cli.load_model(mesh, param_dtype="float32")  # the reference, and the start
-  train_prefs, held_out = cli.read_preferences()
+  train_prefs, held_out = jobs.read_preferences()
   train_rows = dpo_rows(chat, train_prefs, FLAGS.seq_len)
   eval_rows = dpo_rows(chat, held_out, FLAGS.seq_len)
   dpo_cfg = DPOConfig(beta=_BETA.value, nll_weight=_NLL.value, label_smoothing=_SMOOTHING.value)
@@ -51,9 +52,9 @@ def main(argv):
       with_reference_logps(rows, params, cfg, mesh, size) for rows in (train_rows, eval_rows)
     )
   loss = functools.partial(dpo_objective, cfg=cfg, dpo_cfg=dpo_cfg)
-  trainer = cli.make_trainer(with_values(param_shapes(cfg), params), loss, cfg, mesh, frozen)
+  trainer = jobs.make_trainer(with_values(param_shapes(cfg), params), loss, cfg, mesh, frozen)
   shown = ("loss", "reward_accuracy", "eval_reward_margin")
-  before, after = cli.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, "lm")
+  before, after = jobs.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, "lm")
   if FLAGS.output:
     save_orbax(FLAGS.output, cfg, trainer.state.params)
   print(
@@ -65,5 +66,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  FLAGS.set_default("lr", 1e-5)
+  for name, default in [("lr", 1e-5), ("seq_len", 512), ("held_out_fraction", 0.1)]:
+    FLAGS.set_default(name, default)
   app.run(main)

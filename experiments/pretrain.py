@@ -7,9 +7,10 @@ re-running resumes.
 """
 
 import cli
+import jobs
 from absl import app
 
 cli.define(*cli.PRETRAINING_GROUPS)
 
 if __name__ == "__main__":
-  app.run(cli.pretraining_main)
+  app.run(jobs.pretraining_main)

@@ -95,4 +95,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  for name, default in [("temperature", 0.8), ("max_new_tokens", 64)]:
+    FLAGS.set_default(name, default)  # diverse samples, whole responses to score
   app.run(main)

@@ -11,6 +11,7 @@ kind="reward")`).
 import functools
 
 import cli
+import jobs
 import jax
 from absl import app, flags, logging
 
@@ -28,25 +29,25 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  cli.quiet_libraries()
+  jobs.quiet_libraries()
   chat = l3.ChatFormat(l3.Tokenizer.default())
   mesh = make_mesh(cli.mesh_config())
   cfg, lm_params = cli.load_model(mesh, param_dtype="float32")
-  train_prefs, held_out = cli.read_preferences()
+  train_prefs, held_out = jobs.read_preferences()
   train_rows = preference_rows(chat, train_prefs, FLAGS.seq_len)
   eval_rows = preference_rows(chat, held_out, FLAGS.seq_len)
   logging.info("%d training and %d held-out preferences", len(train_prefs), len(held_out))
 
   # The language model's arrays, in their shards, and a new head created in its shard.
   params = reward_params_from_lm(cfg, lm_params, jax.random.key(FLAGS.seed + 1), mesh)
-  trainer = cli.make_trainer(
+  trainer = jobs.make_trainer(
     with_values(REWARD.param_shapes(cfg), params),
     functools.partial(reward_loss, cfg=cfg),
     cfg,
     mesh,
   )
   shown = ("loss", "accuracy", "eval_accuracy")
-  before, after = cli.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, REWARD.kind)
+  before, after = jobs.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, REWARD.kind)
   if FLAGS.output:
     save_orbax(FLAGS.output, cfg, trainer.state.params, kind=REWARD.kind)
     logging.info("Reward model written to %s", FLAGS.output)
@@ -57,5 +58,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  FLAGS.set_default("lr", 1e-5)
+  for name, default in [("lr", 1e-5), ("seq_len", 512), ("held_out_fraction", 0.1)]:
+    FLAGS.set_default(name, default)
   app.run(main)

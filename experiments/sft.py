@@ -8,6 +8,7 @@ flags; --data takes JSONL files of {"messages": [...]}.
 """
 
 import cli
+import jobs
 from absl import app, flags
 
 cli.define(*cli.PRETRAINING_GROUPS)
@@ -16,4 +17,4 @@ if __name__ == "__main__":
   flags.FLAGS.set_default("data_kind", "chat")
   flags.FLAGS.set_default("lr", 1e-5)
   flags.FLAGS.set_default("sample_prompt", "")
-  app.run(cli.pretraining_main)
+  app.run(jobs.pretraining_main)

@@ -1,5 +1,6 @@
 """The flags each experiments/ binary takes, read from its source: the ones it defines itself and
-those of the vocabulary groups (experiments/cli.py) it defines."""
+those of the vocabulary groups (experiments/cli.py) it defines. cli.py and jobs.py (the jobs
+several binaries share) are not binaries."""
 
 import ast
 import glob
@@ -14,7 +15,7 @@ import cli  # noqa: E402
 BINARIES = sorted(
   os.path.basename(p)[:-3]
   for p in glob.glob(os.path.join(EXPERIMENTS, "*.py"))
-  if os.path.basename(p) != "cli.py"
+  if os.path.basename(p) not in ("cli.py", "jobs.py")
 )
 
 

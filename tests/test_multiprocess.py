@@ -110,6 +110,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(two_proces
   stored = checkpointer.stored_config(STEPS)
   assert stored.pop("process_count") == 2
   assert stored.pop("model_kind") == "lm"
+  assert stored.pop("schedule")["steps"] == STEPS
   run = RunConfig.from_dict(stored)
   losses, state, mesh, tx = _reference(run)
   np.testing.assert_allclose(two_process_losses, losses, rtol=1e-5)

@@ -16,7 +16,6 @@ import pytest
 import llama3_jax as l3
 from llama3_jax.data.chat import parse_preference_row, parse_sft_row
 from llama3_jax.posttrain.rejection import rejection_sample
-from llama3_jax.posttrain.reward import load_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "--mesh=fsdp=2,tensor=2"
@@ -187,7 +186,7 @@ def test_rejection_sampling_keeps_the_top_scored_sample(sft, reward_model, rejec
   prompts, best, pairs = rejection
   assert len(best) == len(pairs) == len(prompts)
   cfg, policy = l3.load_checkpoint(sft[0])
-  reward_cfg, reward = load_reward_model(reward_model[0])
+  reward_cfg, reward = l3.load_checkpoint(reward_model[0], kind="reward")
   chat = l3.ChatFormat(l3.Tokenizer.default())
   # The binary's seeds: rng = key(0), split once per prompt.
   rng = jax.random.key(0)

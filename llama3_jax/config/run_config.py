@@ -13,12 +13,15 @@ from llama3_jax.config.train_config import TrainConfig
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(ConfigBase):
-  """`directory` None disables checkpoints; a save every `save_every` steps, the newest `keep` kept."""
+  """`directory` None disables checkpoints; a save every `save_every` steps, the newest `keep` kept.
+  `allow_data_change`: a resume may change the data settings (sources, seed, row length, batch),
+  starting the data afresh; otherwise it is refused."""
 
   directory: Optional[str] = None
   save_every: int = 100
   keep: int = 3
   async_save: bool = True
+  allow_data_change: bool = False
 
   def __post_init__(self):
     if self.save_every < 1 or self.keep < 1:

@@ -25,9 +25,6 @@ from jax.sharding import Mesh
 from llama3_jax.config import ModelConfig
 from llama3_jax.model.spec import LM, ModelSpec, spec_of, tree_kind
 
-# posttrain/averaging.py imports shapes_by_name from here.
-from llama3_jax.model.spec import shapes_by_name  # noqa: F401
-
 CONFIG_FILE = "llama3_jax_config.json"
 PARAMS_DIR = "params"
 # The items of a training run's step directory, as RunCheckpointer writes them: the TrainState

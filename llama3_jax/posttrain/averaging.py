@@ -148,9 +148,11 @@ def average_checkpoints(
   paths: Sequence[str],
   weights: Optional[Sequence[float]] = None,
   mesh: Optional[Mesh] = None,
+  kind: str = "lm",
   **overrides,
 ) -> Tuple[ModelConfig, Dict]:
-  """(config, averaged params) of checkpoints of one architecture, in any format we read.
+  """(config, averaged params) of checkpoints of one architecture and model `kind` ("lm" or
+  "reward"), in any format we read.
 
   Checkpoints are read one at a time with `load_checkpoint(path, param_dtype="float32",
   **overrides)` and added to a running weighted sum, so memory stays at about two models; with
@@ -181,7 +183,7 @@ def average_checkpoints(
   load_overrides = {"param_dtype": "float32", **overrides}
   reference_cfg, total = None, None
   for path, fraction in zip(paths, fractions):
-    cfg, params = load_checkpoint(path, mesh=mesh, **load_overrides)
+    cfg, params = load_checkpoint(path, mesh=mesh, kind=kind, **load_overrides)
     if total is None:
       reference_cfg, total = cfg, _WeightedSum(params, f"checkpoint {path}")
     _check_same_architecture(cfg, path, reference_cfg, paths[0])

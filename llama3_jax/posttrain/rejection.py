@@ -1,6 +1,7 @@
 """Rejection sampling (Llama 3 paper Sec. 4.2.2): K responses per prompt, the prompt prefilled
 once and its KV cache shared by the K samples, each scored by the reward model; the best kept
-(and the worst, as a DPO pair). Generation and scoring run on the mesh being traced under."""
+(and the worst, as a DPO pair). Generation and scoring run on a Layout's mesh when given one
+(its context degree for the prefill, its batch shards for the scoring)."""
 
 import dataclasses
 import functools

@@ -7,18 +7,15 @@ scored at its last token, exactly as if it were in a row of its own. The module 
 too) and checks are `llama3_jax.model.spec.REWARD`.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
-from llama3_jax.convert import load_checkpoint
 from llama3_jax.data.chat import Preference, ranked_pairs
 from llama3_jax.model import RewardModel
-from llama3_jax.model.spec import REWARD
 from llama3_jax.tokenizer.chat_format import ChatFormat
 
 
@@ -97,10 +94,3 @@ def reward_loss(params: Dict, batch: Dict, cfg: ModelConfig):
   rewards_BN = jnp.take_along_axis(rewards_BT, batch["score_at"], axis=1)
   loss, accuracy = bradley_terry_loss(rewards_BN, batch["n_responses"])
   return loss, {"accuracy": accuracy}
-
-
-def load_reward_model(path: str, mesh: Optional[Mesh] = None) -> Tuple[ModelConfig, Dict]:
-  """(config, params) of any checkpoint of a reward model: ours (reward.py --output), or a
-  reward-model training run's directory or one of its steps; numpy params, or params placed in
-  their shards on `mesh`."""
-  return load_checkpoint(path, mesh=mesh, kind=REWARD.kind)

@@ -27,9 +27,9 @@ LossFn = Callable[[Dict, Dict], Tuple[jnp.ndarray, Dict]]
 
 
 class Trainer:
-  """Training on `layout`'s mesh. `boxed` are the parameters with their logical axes (`nn.LogicallyPartitioned` leaves, e.g. a
-  Flax `init`'s output) and their values (host or device arrays, placed leaf by leaf into their
-  shards); `fit` trains on dicts of [B, ...] arrays split over the mesh's batch axes. `frozen`
+  """Training on `layout`'s mesh. `boxed` are the parameters with their logical axes
+  (`nn.LogicallyPartitioned` leaves, e.g. a Flax `init`'s output) and their values (host or
+  device arrays, placed leaf by leaf into their shards); `fit` trains on dicts of [B, ...] arrays split over the mesh's batch axes. `frozen`
   are keyword arguments of `loss_fn` that are read but not trained (e.g. DPO's reference model,
   already placed on the mesh), passed to every step as arguments rather than compiled into it."""
 
@@ -41,7 +41,7 @@ class Trainer:
     layout: Layout,
     frozen: Optional[Dict] = None,
   ):
-    self.layout, self._frozen = layout, frozen or {}
+    self.layout, self._frozen, self.stop_signal = layout, frozen or {}, None
     abstract = jax.eval_shape(lambda: TrainState.create(boxed, tx))
     self.shardings = logical_shardings(abstract, layout.mesh)
     params = jax.tree.map(jax.device_put, nn.unbox(boxed), self.shardings.params)
@@ -89,8 +89,9 @@ class Trainer:
     run_config: Optional[Dict] = None,
     metrics_file: Optional[str] = None,
   ) -> Tuple[Dict, Dict]:
-    """Trains with the loop core (train/fit.py) and keeps the final state; returns the records
-    of the start and of the last step. `evaluate(params)` gives held-out metrics, a progress line shows the `shown` entries of a
+    """Trains with the loop core (train/fit.py) and keeps the final state (and `stop_signal`, the
+    signal that stopped it early, or None); returns the records of the start and of the last
+    step. `evaluate(params)` gives held-out metrics, a progress line shows the `shown` entries of a
     record; `cfg` is the model (architecture) and `kind` its kind
     ("lm" or "reward"), saved with every checkpoint with `run_config`: what a resume must not
     change (data, batch size, seed: `batches` repeats the interrupted run's order)."""
@@ -109,7 +110,7 @@ class Trainer:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
     )
     result = fit(task, batches, policy, lambda: self.state, abstract, checkpointer, metrics_file)
-    self.state = result.state
+    self.state, self.stop_signal = result.state, result.stop_signal
     return result.first, result.last
 
 

@@ -1,5 +1,5 @@
-"""Orbax checkpoints of a training run (train state, data-iterator position and the run config),
-the checks before resuming one, and SIGTERM turned into a request to save and stop.
+"""Orbax checkpoints of a training run (train state, data-iterator position and the run config)
+and the checks before resuming one.
 
 Each save goes to a temporary directory that Orbax renames into place only once complete, so an
 interrupted save never replaces the last good checkpoint; the newest complete step is restored.
@@ -7,7 +7,7 @@ interrupted save never replaces the last good checkpoint; the newest complete st
 
 import json
 import os
-import signal
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import grain
@@ -17,6 +17,7 @@ from absl import logging
 
 from llama3_jax.config import ModelConfig, architecture_differences
 from llama3_jax.convert.orbax_io import RUN_CONFIG_ITEM, RUN_STATE_ITEM
+from llama3_jax.train.checkpoint_dir import DirectoryLock, check_writable
 
 
 class _DataPosition:
@@ -30,18 +31,46 @@ class _DataPosition:
     return self._json
 
 
+class CheckpointSaveError(RuntimeError):
+  """A save that failed; the steps saved before it are intact."""
+
+
 class RunCheckpointer:
-  """Saves every `save_every` steps (asynchronously) and keeps the newest `keep` checkpoints."""
+  """Saves every `save_every` steps (asynchronously) and keeps the newest `keep` checkpoints.
+  A run that writes claims the directory first (`claim`); readers need not."""
 
   def __init__(self, directory: str, save_every: int, keep: int = 3, async_save: bool = True):
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
+    check_writable(self.directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._lock = DirectoryLock(self.directory)
+
+  def claim(self, state_bytes: int) -> None:
+    """Before the first step: checks there is room for a save of `state_bytes` (this process's
+    share) and, on process 0, takes the directory's lock (ValueError naming the run holding it)."""
+    check_writable(self.directory, state_bytes)
+    if jax.process_index() == 0:
+      self._lock.acquire()
+
+  def release(self) -> None:
+    self._lock.release()
+
+  def _failed(self, step: int, error: Exception) -> CheckpointSaveError:
+    """The error of a failed save of `step`, its temporary directories removed."""
+    for name in os.listdir(self.directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    return CheckpointSaveError(
+      f"Saving step {step} to {self.directory} failed ({type(error).__name__}: "
+      f"{str(error).splitlines()[0] if str(error) else ''}); the newest saved step is "
+      f"{self._manager.latest_step()}"
+    )
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -57,7 +86,11 @@ class RunCheckpointer:
     }
     if data_position is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_position))
-    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:
+      raise self._failed(step, e) from e
+    self._lock.refresh()
     logging.info("Checkpoint of step %d started in %s", step, self.directory)
 
   def restore(self, step: int, abstract_state, data_iterator) -> Tuple[Any, Dict]:
@@ -80,10 +113,14 @@ class RunCheckpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._failed(self._manager.latest_step(), e) from e
 
   def close(self) -> None:
     self._manager.close()
+    self.release()
 
 
 def check_resumable(stored: Dict, model: ModelConfig) -> None:
@@ -101,19 +138,3 @@ def check_resumable(stored: Dict, model: ModelConfig) -> None:
   if differing:
     details = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, b, a in differing)
     raise ValueError(f"Checkpoint does not match the model config: {details}")
-
-
-class StopRequest:
-  """Turns SIGTERM (preemption) into a request to save and stop at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)

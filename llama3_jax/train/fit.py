@@ -1,5 +1,5 @@
 """The loop core every training binary runs: steps, progress lines and metrics records, held-out
-evaluation, checkpoints and resume, SIGTERM, the NaN/Inf streak, and where the time went.
+evaluation, checkpoints and resume, SIGTERM and SIGINT, the NaN/Inf streak, and where the time went.
 
 A step is one batch trained on, whether its update was applied or skipped for a non-finite loss;
 checkpoints are numbered by steps. Pretraining, SFT, the reward model and DPO are `Task`s: they
@@ -18,16 +18,19 @@ from absl import logging
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.config.base import ConfigBase
-from llama3_jax.train.checkpointing import RunCheckpointer, StopRequest, check_resumable
+from llama3_jax.train.checkpointing import RunCheckpointer, check_resumable
+from llama3_jax.train.signals import StopRequest
 from llama3_jax.train.train_state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
 class FitPolicy(ConfigBase):
-  """When things happen, in steps. Held-out metrics every `eval_every` steps (0: never), at the
-  last step and when stopping early, and before the first step with `eval_at_start`; a progress
+  """When things happen, in steps. Held-out metrics every `eval_every` steps (0: never) and at the
+  last step, and before the first step and at the last with `eval_at_start`; none when a signal
+  stops training early (the save comes first); a progress
   line every `log_every` steps and at every evaluation; `max_nonfinite_steps` skipped steps in a
-  row raise FloatingPointError. `peak_tflops_per_device` (0: unknown) turns TFLOP/s into MFU."""
+  row raise FloatingPointError. `peak_tflops_per_device` (0: unknown) turns TFLOP/s into MFU.
+  `allow_data_change`: a resume may change the data settings (see `fit`)."""
 
   steps: int
   eval_every: int = 0
@@ -35,13 +38,17 @@ class FitPolicy(ConfigBase):
   log_every: int = 10
   max_nonfinite_steps: int = 10
   peak_tflops_per_device: float = 0.0
+  allow_data_change: bool = False
 
   def __post_init__(self):
     self._require_at_least(1, "steps", "log_every", "max_nonfinite_steps")
     self._require_at_least(0, "eval_every", "peak_tflops_per_device")
 
-  def evaluates_at(self, step: int, stopping: bool) -> bool:
-    return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.steps or stopping)
+  def evaluates_at(self, step: int) -> bool:
+    """Held-out metrics every `eval_every` steps, and at the last step when evaluating at all."""
+    if step == self.steps:
+      return bool(self.eval_every or self.eval_at_start)
+    return bool(self.eval_every) and step % self.eval_every == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +59,11 @@ class Task:
   state and scalar metrics (with `skipped`: the update was not applied); `place(batch)` puts a
   host batch's arrays onto the devices; `evaluate(params)` gives held-out metrics (recorded as
   `eval_<name>`); a progress line shows the record's entries named in `shown` (when present);
-  `size(batch)` is the host
-  batch's (shape recorded as `batch_shape`: tokens trained on, training FLOPs). `run_config` (JSON)
-  is saved with every checkpoint; a resume must match its `model` (architecture) and every entry
-  named in `resume_keys`. `extras()` adds entries to every record (e.g. a count of bad rows).
+  `size(batch)` is this process's host batch's (shape: tokens trained on, training FLOPs; the
+  loop records them for all processes as `batch_shape`). `run_config` (JSON) is saved with every
+  checkpoint; a resume must match its `model` (architecture) and every data setting named in
+  `resume_keys` ("a.b": run_config["a"]["b"]). `extras()` adds entries to every record (e.g. a
+  count of bad rows).
   """
 
   model: ModelConfig
@@ -90,12 +98,14 @@ class TimeBreakdown:
 @dataclasses.dataclass
 class FitResult:
   """The final state; the records of the start (step and, with `eval_at_start`, held-out
-  metrics) and of the last step; where the time went."""
+  metrics) and of the last step; where the time went; the signal that stopped training early
+  (after its save), None when it ran to the end."""
 
   state: TrainState
   first: Dict
   last: Dict
   times: TimeBreakdown
+  stop_signal: Optional[int] = None
 
 
 class _Throughput:
@@ -164,20 +174,37 @@ def _scalar(value):
   return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
-def _restore(checkpointer: RunCheckpointer, step: int, task: Task, abstract, batches):
-  """The state saved as `step`, after checking the run may resume from it; a batch iterator with
-  a position (`get_state`) is moved to the saved one, any other is advanced by `step` batches."""
+def _entry(tree: Dict, dotted: str):
+  """`tree["a"]["b"]` for "a.b" (None where absent)."""
+  for key in dotted.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
+def _restore(checkpointer: RunCheckpointer, step: int, task: Task, policy, abstract, batches):
+  """The state saved as `step`, after checking the run may resume from it. The data settings
+  named by `task.resume_keys` must match, unless `policy.allow_data_change`: the data then start
+  afresh. Otherwise a batch iterator with a position (`get_state`) is moved to the saved one, any
+  other advanced by `step` batches."""
   stored = checkpointer.stored_config(step)
   check_resumable(stored, task.model)
-  changed = sorted(k for k in task.resume_keys if stored.get(k) != task.run_config[k])
-  if changed:
-    details = "; ".join(
-      f"{k}: checkpoint {stored.get(k)!r} vs run {task.run_config[k]!r}" for k in changed
+  current = json.loads(json.dumps(task.run_config))  # as stored: tuples are lists
+  changed = [
+    f"{k}: checkpoint {_entry(stored, k)!r} vs run {_entry(current, k)!r}"
+    for k in task.resume_keys
+    if _entry(stored, k) != _entry(current, k)
+  ]
+  where = f"{checkpointer.directory} step {step}"
+  if changed and not policy.allow_data_change:
+    raise ValueError(
+      f"Cannot resume from {where}: the data differ ({'; '.join(changed)}); keep them, or "
+      "allow the change (--allow_data_change), which starts the data afresh"
     )
-    raise ValueError(f"Cannot resume from {checkpointer.directory} step {step}: {details}")
-  positioned = hasattr(batches, "get_state")
+  if changed:
+    logging.warning("Resuming from %s with other data (%s): data from the start", where, changed)
+  positioned = hasattr(batches, "get_state") and not changed
   state, _ = checkpointer.restore(step, abstract, batches if positioned else None)
-  if not positioned:
+  if not changed and not positioned:
     for _ in range(step):
       next(batches)
   logging.info("Resumed from step %d in %s", step, checkpointer.directory)
@@ -198,15 +225,28 @@ def fit(
   With `checkpointer`, a checkpoint there is resumed (its newest step, restored into
   `abstract_state`: ShapeDtypeStructs with shardings), else the state is `init_state()`; the state
   (with the data position, when `batches` has `get_state`) is saved every `save_every` steps, at
-  the end, and on SIGTERM, which ends training after the current step. Records (JSON lines) are
-  appended to `metrics_file`. The next batch is read while the devices run the current step.
+  the end, and on SIGTERM or SIGINT, which end training after the current step; the directory
+  is checked for room and locked against other runs for the time of training. Records (JSON
+  lines) are appended to `metrics_file`. The next batch is read while the devices run the current step.
   """
+  if not checkpointer:
+    return _train(task, batches, policy, init_state, abstract_state, None, metrics_file)
+  leaves = jax.tree.leaves(abstract_state)
+  checkpointer.claim(sum(x.size * x.dtype.itemsize for x in leaves) // jax.process_count())
+  try:
+    return _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics_file)
+  finally:
+    checkpointer.release()
+
+
+def _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics_file):
+  """`fit` once the checkpoint directory (if any) is claimed."""
   started, times = time.perf_counter(), TimeBreakdown()
   step = checkpointer.latest_step() if checkpointer else None
   if step is None:
     step, state = 0, init_state()
   else:
-    state = _restore(checkpointer, step, task, abstract_state, batches)
+    state = _restore(checkpointer, step, task, policy, abstract_state, batches)
   positioned = hasattr(batches, "get_state")
 
   def evaluate(record):
@@ -232,9 +272,10 @@ def fit(
     while step < policy.steps and not stop.requested:
       batch, placed, position = upcoming or draw()
       shape, flops = task.size(batch)
+      shape, flops = (shape[0] * jax.process_count(), *shape[1:]), flops * jax.process_count()
       t, data_before = time.perf_counter(), times.data
       state, metrics = task.step(state, placed)
-      upcoming = draw() if step + 1 < policy.steps else None
+      upcoming = draw() if step + 1 < policy.steps and not stop.requested else None
       metrics = jax.device_get(metrics)
       throughput.add(shape, flops, time.perf_counter() - t - (times.data - data_before), times)
       step += 1
@@ -249,21 +290,20 @@ def fit(
             f"{policy.max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient "
             f"(last loss {last.get('loss')}); stopping at step {step}"
           )
-      evaluated = task.evaluate is not None and policy.evaluates_at(step, stop.requested)
+      stopping = stop.requested  # a signal: save first, then only what was due
+      if checkpointer and (stopping or checkpointer.should_save(step) or step == policy.steps):
+        t = time.perf_counter()
+        stored = dict(task.run_config, process_count=jax.process_count())
+        checkpointer.save(step, state, position, stored)
+        times.checkpointing += time.perf_counter() - t
+      evaluated = task.evaluate is not None and policy.evaluates_at(step)
       if evaluated:
         evaluate(last)
       if metrics_out:
         metrics_out.write(json.dumps(last) + "\n")
         metrics_out.flush()
-      if step % policy.log_every == 0 or step == policy.steps or evaluated:
+      if step % policy.log_every == 0 or step == policy.steps or evaluated or stopping:
         logging.info("%s", _progress_line(last, policy.steps, task.shown))
-      if checkpointer and (
-        checkpointer.should_save(step) or step == policy.steps or stop.requested
-      ):
-        t = time.perf_counter()
-        stored = dict(task.run_config, process_count=jax.process_count())
-        checkpointer.save(step, state, position, stored)
-        times.checkpointing += time.perf_counter() - t
   finally:
     stop.restore()
     if metrics_out:
@@ -273,4 +313,4 @@ def fit(
       checkpointer.wait()
       times.checkpointing += time.perf_counter() - t
   logging.info("Time: %s", times.summary(time.perf_counter() - started))
-  return FitResult(state, first, last, times)
+  return FitResult(state, first, last, times, stop.signum if step < policy.steps else None)

@@ -3,11 +3,12 @@ the Layout of the run, its state created or restored in shards, grain batches wi
 position, next-token steps, and held-out loss over batches read once."""
 
 import math
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import jax
+from absl import logging
 
-from llama3_jax.config import RunConfig
+from llama3_jax.config import OptimizerConfig, RunConfig
 from llama3_jax.convert.orbax_io import MODEL_KIND_KEY
 from llama3_jax.data import MalformedCounter, make_pipeline
 from llama3_jax.parallel import mesh_context
@@ -19,6 +20,14 @@ from llama3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama3_jax.train.train_state import TrainState, abstract_train_state, create_train_state
 
 SHOWN = ("loss", "lr", "grad_norm", "eval_loss")
+# The data settings a resume must keep (CheckpointConfig.allow_data_change lifts this).
+DATA_KEYS = tuple(
+  f"data.{field}"
+  for field in ("sources", "seed", "seq_len", "global_batch_size", "ramp", "held_out_fraction")
+)
+# Optimizer fields that follow from --steps: a resume that changes only these (and the steps)
+# keeps the checkpoint's schedule.
+_STEP_DERIVED = ("warmup_steps", "decay_steps", "anneal_steps")
 
 
 def _size(model_cfg):
@@ -61,17 +70,26 @@ class HeldOut:
     return {"loss": ce_total / max(count_total, 1)}
 
 
-def pretraining_task(run: RunConfig, tokenizer, layout: Layout, tx, malformed: MalformedCounter):
-  """The loop core's Task for `run` on `layout`, with optimizer `tx`."""
-  train_cfg = run.train
+def pretraining_task(
+  run: RunConfig, tokenizer, layout: Layout, schedule, malformed: MalformedCounter
+) -> Task:
+  """The loop core's Task for `run` on `layout`, with AdamW on `schedule`: (optimizer config,
+  total steps), see `schedule_of`."""
+  train_cfg, (optimizer, total_steps) = run.train, schedule
+  tx = make_optimizer(optimizer, total_steps)
   return Task(
     model=run.model,
-    step=layout.jit_train_step(tx, learning_rate_schedule(run.optimizer, train_cfg.steps)),
+    step=layout.jit_train_step(tx, learning_rate_schedule(optimizer, total_steps)),
     place=layout.place,
     evaluate=HeldOut(run, tokenizer, layout) if train_cfg.eval_every else None,
     shown=SHOWN,
     size=_size(run.model),
-    run_config={**run.to_dict(), MODEL_KIND_KEY: "lm"},
+    run_config={
+      **run.to_dict(),
+      MODEL_KIND_KEY: "lm",
+      "schedule": {"optimizer": optimizer.to_dict(), "steps": total_steps},
+    },
+    resume_keys=DATA_KEYS,
     extras=lambda: {"malformed_rows": malformed.total} if malformed.total else {},
   )
 
@@ -84,7 +102,35 @@ def fit_policy(run: RunConfig) -> FitPolicy:
     log_every=train_cfg.log_every,
     max_nonfinite_steps=train_cfg.max_nonfinite_steps,
     peak_tflops_per_device=train_cfg.peak_tflops_per_device,
+    allow_data_change=run.checkpoint.allow_data_change,
   )
+
+
+def schedule_of(run: RunConfig, stored: Optional[Dict]) -> Tuple[OptimizerConfig, int]:
+  """(optimizer config, total steps) of the learning-rate schedule to train with: `run`'s, or,
+  resuming from a checkpoint whose run config is `stored`, the checkpoint's when the run changes
+  only the steps (and the schedule fields derived from them): steps past it run at its floor."""
+  if stored is None:
+    return run.optimizer, run.train.steps
+  kept = stored.get(
+    "schedule", {"optimizer": stored["optimizer"], "steps": stored["train"]["steps"]}
+  )
+  optimizer, steps = OptimizerConfig.from_dict(kept["optimizer"]), kept["steps"]
+  derived = {field: getattr(run.optimizer, field) for field in _STEP_DERIVED}
+  if (optimizer, steps) == (run.optimizer, run.train.steps) or optimizer.replace(
+    **derived
+  ) != run.optimizer:
+    return run.optimizer, run.train.steps
+  logging.info(
+    "Keeping the checkpoint's learning-rate schedule (warmup %d, decay %d, anneal %d over %d "
+    "steps) for this run of %d steps; steps past it run at its floor",
+    optimizer.warmup_steps,
+    optimizer.decay_steps,
+    optimizer.anneal_steps,
+    steps,
+    run.train.steps,
+  )
+  return optimizer, steps
 
 
 def train_run(
@@ -105,7 +151,6 @@ def train_run(
     layout.check_batch(
       stage.global_batch_size, stage.seq_len, where=f"the stage from token {stage.start_tokens}"
     )
-  tx = make_optimizer(run.optimizer, run.train.steps)
   malformed = MalformedCounter()
   if batches is None:
     batches = make_pipeline(
@@ -116,12 +161,16 @@ def train_run(
       process_count=jax.process_count(),
       counter=malformed,
     )
-  checkpointer = None
+  checkpointer, stored = None, None
   if run.checkpoint.directory:
     settings = run.checkpoint
     checkpointer = RunCheckpointer(
       settings.directory, settings.save_every, settings.keep, settings.async_save
     )
+    latest = checkpointer.latest_step()
+    stored = None if latest is None else checkpointer.stored_config(latest)
+  schedule = schedule_of(run, stored)
+  tx = make_optimizer(*schedule)
 
   def init_state() -> TrainState:
     rng = jax.random.key(run.data.seed)
@@ -130,7 +179,7 @@ def train_run(
   try:
     with mesh_context(layout.mesh):
       return fit(
-        pretraining_task(run, tokenizer, layout, tx, malformed),
+        pretraining_task(run, tokenizer, layout, schedule, malformed),
         batches,
         fit_policy(run),
         init_state,
