@@ -100,6 +100,13 @@ _GROUPS = {
       {},
     ),
     (flags.DEFINE_float, "held_out_fraction", 0.01, "Share of rows kept out for eval.", {}),
+    (
+      flags.DEFINE_enum,
+      "on_bad_row",
+      "skip",
+      "A data row that cannot be read or parsed: skip it (logged with file:line, counted) or fail.",
+      {"enum_values": ["skip", "fail"]},
+    ),
     (flags.DEFINE_float, "lr", 3e-4, "Peak learning rate.", {}),
     (flags.DEFINE_integer, "warmup_steps", None, "Default: min(8000, steps // 10).", {}),
     (flags.DEFINE_integer, "decay_steps", None, "Cosine decay length; default: steps.", {}),
@@ -365,6 +372,7 @@ def run_config(model_cfg: ModelConfig) -> RunConfig:
       seed=FLAGS.seed,
       held_out_fraction=FLAGS.held_out_fraction,
       ramp=parse_ramp(FLAGS.batch_ramp),
+      skip_malformed=FLAGS.on_bad_row == "skip",
     ),
     train=TrainConfig(
       steps=FLAGS.steps,

@@ -91,7 +91,8 @@ def read_preferences() -> Tuple[List[Preference], List[Preference]]:
   if any("@" in spec for spec in FLAGS.data):
     raise ValueError(f"--data {FLAGS.data}: preference files take no @WEIGHT")
   paths = [path for spec in FLAGS.data for path in expand_pattern(spec)]
-  rows = [row for path in paths for row in read_jsonl(path, parse_preference_row)]
+  skip = FLAGS.on_bad_row == "skip"
+  rows = [row for path in paths for row in read_jsonl(path, parse_preference_row, skip)]
   return split_rows(rows, FLAGS.held_out_fraction, FLAGS.seed)
 
 

@@ -12,7 +12,9 @@ import json
 from typing import Any, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
+from llama3_jax.data.sources import MAX_ROW_BYTES
 from llama3_jax.tokenizer.chat_format import ChatFormat, Message
 
 
@@ -99,16 +101,29 @@ def parse_preference_row(row: Mapping[str, Any]) -> Preference:
   return Preference(_messages(row["prompt"], "'prompt'"), ranked)
 
 
-def read_jsonl(path: str, parse) -> Iterator:
-  """`parse(row)` of every non-blank line of a JSONL file; errors name the file and line."""
-  with open(path) as f:
+def read_jsonl(path: str, parse, skip_bad: bool = False) -> Iterator:
+  """`parse(row)` of every non-blank line of a JSONL file. A line that fails in any way (not
+  UTF-8, not JSON, nested too deep, longer than MAX_ROW_BYTES, rejected by `parse`) is an error
+  naming the file, the line (from 1) and the reason: a ValueError, or with `skip_bad` a warning
+  and the line left out."""
+  skipped = 0
+  with open(path, "rb") as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        yield parse(json.loads(line))
-      except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}:{number}: {e}") from e
+        if len(line) > MAX_ROW_BYTES:
+          raise ValueError(f"{len(line):,} bytes, over the {MAX_ROW_BYTES:,} a row may take")
+        row = parse(json.loads(line.decode("utf-8")))
+      except Exception as e:  # any failure of one row is that row's
+        reason = "JSON nested too deep" if isinstance(e, RecursionError) else e
+        message = f"{path}:{number}: {type(e).__name__}: {reason}"
+        if not skip_bad:
+          raise ValueError(message) from None
+        skipped += 1
+        logging.warning("Skipping bad row %s (%d skipped in this file)", message, skipped)
+        continue
+      yield row
 
 
 def sft_example(chat: ChatFormat, messages: Sequence[Message], max_len: Optional[int] = None):

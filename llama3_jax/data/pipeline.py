@@ -152,13 +152,13 @@ def _encode_dialog(source: DocumentSource, chat: ChatFormat, index: int) -> dict
   """{tokens int32 [n], targets int32 [n]} of dialog `index` (targets: the assistant's tokens);
   empty for a malformed row."""
   text = source[int(index)]
+  tokens = targets = np.zeros(0, np.int32)
+  if text is None:  # malformed, counted by the source
+    return {"tokens": tokens, "targets": targets}
   try:
-    if text is None:
-      raise ValueError("unreadable line")
     tokens, targets = sft_example(chat, parse_sft_row(json.loads(text)))
-  except ValueError as e:
-    source._malformed(f"{source.name} dialog {int(index)}", str(e))
-    tokens = targets = np.zeros(0, np.int32)
+  except Exception as e:  # any failure of one row's parsing or encoding is that row's
+    source._malformed(source.where(index), f"not a dialog ({type(e).__name__}: {e})")
   return {"tokens": tokens, "targets": targets.astype(np.int32)}
 
 

@@ -60,8 +60,13 @@ def expand_pattern(pattern: str) -> list[str]:
   return paths
 
 
+# A row longer than this is malformed (read no further); documents are shorter.
+MAX_ROW_BYTES = 64 * 2**20
+
+
 class DocumentSource(Sequence):
-  """Base of the sources: `len` documents, `source[i]` is text or None (malformed, skipped)."""
+  """Base of the sources: `len` documents, `source[i]` is text or None (malformed, skipped);
+  `where(i)` names row i's place ("file:line", "file[record r]", a file)."""
 
   def __init__(
     self, name: str, *, skip_malformed: bool = True, counter: Optional[MalformedCounter] = None
@@ -70,10 +75,15 @@ class DocumentSource(Sequence):
     self.skip_malformed = skip_malformed
     self.counter = MalformedCounter() if counter is None else counter
 
+  def where(self, index: int) -> str:
+    return f"{self.name} row {int(index) + 1}"
+
   def _malformed(self, where: str, reason: str) -> None:
     """Skips (counts, logs, returns None) or raises for the malformed row at `where`."""
     if not self.skip_malformed:
-      raise ValueError(f"{where}: {reason} (set DataConfig.skip_malformed=True to skip such rows)")
+      raise ValueError(
+        f"{where}: {reason} (skip such rows: --on_bad_row=skip, DataConfig.skip_malformed=True)"
+      )
     total = self.counter.add(self.name)
     if total <= LOG_FIRST or total % LOG_EVERY == 0:
       logging.warning(
@@ -83,6 +93,10 @@ class DocumentSource(Sequence):
 
   def _text(self, data: bytes, where: str, field: str) -> Optional[str]:
     """Decodes a row: UTF-8 text, or the string `field` of a JSON object when `field` is set."""
+    if len(data) > MAX_ROW_BYTES:
+      return self._malformed(
+        where, f"{len(data):,} bytes, over the {MAX_ROW_BYTES:,} a row may take"
+      )
     try:
       text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,6 +106,8 @@ class DocumentSource(Sequence):
         row = json.loads(text)
       except json.JSONDecodeError as e:
         return self._malformed(where, f"invalid JSON ({e.msg} at column {e.colno})")
+      except RecursionError:
+        return self._malformed(where, "JSON nested deeper than the parser allows")
       if not isinstance(row, dict) or field not in row:
         return self._malformed(where, f"no field {field!r}")
       text = row[field]
@@ -124,10 +140,13 @@ class TextFiles(DocumentSource):
   def __len__(self) -> int:
     return len(self.paths)
 
+  def where(self, index: int) -> str:
+    return self.paths[int(index)]
+
   def __getitem__(self, index: int) -> Optional[str]:
     path = self.paths[index]
     with open(path, "rb") as f:
-      return self._text(f.read(), path, field="")
+      return self._text(f.read(MAX_ROW_BYTES + 1), path, field="")
 
 
 def _line_starts(path: str) -> np.ndarray:
@@ -161,13 +180,17 @@ class JsonLines(DocumentSource):
   def __len__(self) -> int:
     return int(self._ends[-1])
 
+  def where(self, index: int) -> str:
+    file_number, line = self._locate(index, self._ends)
+    return f"{self.paths[file_number]}:{line + 1}"
+
   def __getitem__(self, index: int) -> Optional[str]:
     file_number, line = self._locate(index, self._ends)
     start, stop = self._starts[file_number][line : line + 2]
     with open(self.paths[file_number], "rb") as f:
       f.seek(int(start))
-      data = f.read(int(stop - start))
-    return self._text(data, f"{self.paths[file_number]}:{line + 1}", self.field)
+      data = f.read(min(int(stop - start), MAX_ROW_BYTES + 1))
+    return self._text(data, self.where(index), self.field)
 
 
 class ArrayRecords(DocumentSource):
@@ -190,10 +213,13 @@ class ArrayRecords(DocumentSource):
   def __len__(self) -> int:
     return int(self._ends[-1])
 
+  def where(self, index: int) -> str:
+    file_number, record = self._locate(index, self._ends)
+    return f"{self.paths[file_number]}[record {record}]"
+
   def __getitem__(self, index: int) -> Optional[str]:
     file_number, record = self._locate(index, self._ends)
-    data = self._files[file_number][record]
-    return self._text(data, f"{self.paths[file_number]}[record {record}]", self.field)
+    return self._text(self._files[file_number][record], self.where(index), self.field)
 
 
 def open_source(
