@@ -27,9 +27,10 @@ class ConfigBase:
     return fields
 
   def _require_at_least(self, minimum, *fields: str) -> None:
-    """Raises ValueError naming the first of `fields` below `minimum`."""
+    """Raises ValueError naming the first of `fields` below `minimum` or not a number (NaN)."""
     for field in fields:
-      if getattr(self, field) < minimum:
+      value = getattr(self, field)
+      if value != value or value < minimum:
         raise ValueError(
           f"{type(self).__name__}.{field} must be >= {minimum}, got {getattr(self, field)}"
         )

@@ -68,7 +68,12 @@ class MeshConfig(ConfigBase):
         raise ValueError(
           f"Bad mesh item {item!r}; expected AXIS=N with AXIS in {MESH_AXES + ('dcn_data',)}"
         )
-      degrees[name.strip()] = int(value)
+      try:
+        degrees[name.strip()] = int(value)
+      except ValueError:
+        raise ValueError(
+          f"Bad mesh item {item!r}: the degree {value.strip()!r} is not a whole number"
+        ) from None
     if "fsdp" not in degrees:
       degrees["fsdp"] = 1 if -1 in degrees.values() else -1
     return cls(**degrees)
