@@ -1,7 +1,9 @@
-"""Faults around a run's checkpoints: a checkpoint path that is a file or lacks room fails before
-any step, naming it; a second run on one directory is refused, a stale lock taken over; a resume
-with other data is refused naming each setting (or, allowed, starts the data afresh); a resume
-that only adds steps keeps the checkpoint's learning-rate schedule; Ctrl-C saves and exits 130."""
+"""Faults around a run's checkpoints and the loop core (train/fit.py) under pretraining: a
+checkpoint path that is a file or lacks room fails before any step, naming it; a second run on one
+directory is refused, a stale lock taken over; a resume with other data is refused naming each
+setting (or, allowed, starts the data afresh); a resume that only adds steps keeps the
+checkpoint's learning-rate schedule; Ctrl-C saves and exits 130; a SIGTERM that lands on a
+skipped (non-finite) step still saves it; held-out batches are read from the sources once."""
 
 import json
 import os
@@ -10,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import llama3_jax as l3
@@ -21,6 +25,7 @@ from llama3_jax.config import (
   RunConfig,
   TrainConfig,
 )
+from llama3_jax.data import make_pipeline
 from llama3_jax.train import loop
 from llama3_jax.train.checkpoint_dir import LOCK_FILE
 from llama3_jax.train.checkpointing import RunCheckpointer
@@ -66,14 +71,14 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
   assert not (tmp_path / LOCK_FILE).exists()
 
 
-def _run(directory, steps, **data_changes):
+def _run(directory, steps, save_every=1, eval_every=0, **data_changes):
   return RunConfig(
     model=l3.get_config("tiny"),
     mesh=MeshConfig.parse("fsdp=8"),
     optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=1, decay_steps=steps),
     data=DataConfig(seq_len=16, global_batch_size=8).replace(**data_changes),
-    train=TrainConfig(steps=steps, log_every=1),
-    checkpoint=CheckpointConfig(directory=str(directory), save_every=1),
+    train=TrainConfig(steps=steps, log_every=1, eval_every=eval_every, eval_batches=2),
+    checkpoint=CheckpointConfig(directory=str(directory), save_every=save_every),
   )
 
 
@@ -139,3 +144,44 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
   last = [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1]
   assert 3 <= last < 200
   assert RunCheckpointer(str(tmp_path / "run"), save_every=1).latest_step() == last
+
+
+def _sigterm_while_step_runs(batches, step):
+  """`batches`, sending SIGTERM to this process as the batch after `step` is drawn, which the
+  loop reads while step `step` runs."""
+  for drawn, batch in enumerate(batches, start=1):
+    if drawn == step + 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+
+
+def test_sigterm_on_a_skipped_pretraining_step_saves_it(tmp_path, tokenizer):
+  run = _run(tmp_path, 6, save_every=100)
+  params = l3.init_params(run.model, jax.random.key(0))
+  params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
+  batches = make_pipeline(run.data, tokenizer, split="train")
+  result = loop.train_run(
+    run,
+    tokenizer,
+    init_params=params,
+    batches=_sigterm_while_step_runs(batches, 2),
+    metrics_file=str(tmp_path / "metrics.jsonl"),
+  )
+  assert result.last["step"] == 2 and result.last["skipped"]
+  assert int(result.state.step) == 0 and int(result.state.nonfinite_total) == 2
+  assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["2"]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [r["step"] for r in map(json.loads, f)] == [1, 2]
+
+
+def test_held_out_batches_are_read_once(tmp_path, tokenizer, monkeypatch):
+  reads = []
+
+  def counting(data, tokenizer, **kwargs):
+    reads.append(kwargs["split"])
+    return make_pipeline(data, tokenizer, **kwargs)
+
+  monkeypatch.setattr(loop, "make_pipeline", counting)
+  result = loop.train_run(_run(tmp_path, 3, eval_every=1, held_out_fraction=0.05), tokenizer)
+  assert reads.count("eval") == 1
+  assert result.last["step"] == 3 and result.last["eval_loss"] > 0

@@ -94,7 +94,7 @@ def pretraining_task(
   )
 
 
-def fit_policy(run: RunConfig) -> FitPolicy:
+def _fit_policy(run: RunConfig) -> FitPolicy:
   train_cfg = run.train
   return FitPolicy(
     steps=train_cfg.steps,
@@ -181,7 +181,7 @@ def train_run(
       return fit(
         pretraining_task(run, tokenizer, layout, schedule, malformed),
         batches,
-        fit_policy(run),
+        _fit_policy(run),
         init_state,
         abstract_train_state(run.model, tx, layout.mesh),
         checkpointer,
