@@ -18,7 +18,7 @@ import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import llama3_jax as l3
 from llama3_jax.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
@@ -131,4 +131,4 @@ def main(argv):
 
 if __name__ == "__main__":
   FLAGS.set_default("attention_block", 512)
-  app.run(main)
+  cli.run(main)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from absl import app, flags
+from absl import flags
 from transformers import DynamicCache, LlamaForCausalLM
 
 import llama3_jax as l3
@@ -112,4 +112,4 @@ def main(argv):
 if __name__ == "__main__":
   FLAGS.set_default("config", "llama3-100m")
   FLAGS.set_default("max_new_tokens", 64)
-  app.run(main)
+  cli.run(main)

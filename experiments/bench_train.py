@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from absl import app, flags
+from absl import flags
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama3_jax as l3
@@ -129,4 +129,4 @@ if __name__ == "__main__":
   FLAGS.set_default("config", "llama3-100m")
   FLAGS.set_default("global_batch_size", 4)
   FLAGS.set_default("seq_len", 256)
-  app.run(main)
+  cli.run(main)

@@ -3,14 +3,14 @@ flag, in groups a binary defines when it imports them (`cli.define("model", "mes
 group's flags shown by that binary's `--help`; and the configs built from them (jobs.py runs
 the jobs several binaries share).
 
-The README's flag table is `flag_table()` (a test checks it).
+The README's flag table is `flag_table()` (a test checks it). Every binary starts with `run(main)`.
 """
 
 import os
 import sys
 from typing import Dict, Tuple
 
-from absl import flags
+from absl import app, flags, logging
 
 import llama3_jax as l3
 from llama3_jax.config import (
@@ -26,6 +26,7 @@ from llama3_jax.config import (
 )
 from llama3_jax.config.model_config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 from llama3_jax.convert import checkpoint_or_preset
+from llama3_jax.train.checkpointing import CheckpointSaveError
 from llama3_jax.train.fit import FitPolicy
 
 FLAGS = flags.FLAGS
@@ -387,3 +388,38 @@ def run_config(model_cfg: ModelConfig) -> RunConfig:
     ),
     checkpoint=checkpoint_config(),
   )
+
+
+# A user's mistake (a bad flag value, config, path, file or checkpoint) ends a binary with one line
+# and this status; a failed save with one line and status 1; anything else with its traceback.
+USAGE_EXIT = 2
+USER_ERRORS = (ValueError, OSError, app.UsageError)
+
+
+def _fail(message: str, status: int) -> None:
+  program = os.path.basename(sys.argv[0]) if sys.argv else "llama3_jax"
+  print(f"{program}: error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (see --help)", USAGE_EXIT)
+
+
+def run(main) -> None:
+  """`app.run(main)`, with a bad flag or a user error (USER_ERRORS) raised by `main` printed as
+  one line `<binary>: error: <message>` and exit status 2 (the traceback is logged at
+  --verbosity=1), and a CheckpointSaveError as one line with status 1."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (CheckpointSaveError, *USER_ERRORS) as e:
+      logging.vlog(1, "Traceback of the error below", exc_info=True)
+      status = 1 if isinstance(e, CheckpointSaveError) else USAGE_EXIT
+      _fail(str(e) or type(e).__name__, status)
+
+  app.run(guarded, flags_parser=_parse_flags)

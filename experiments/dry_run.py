@@ -19,7 +19,7 @@ import os
 
 import cli
 import jax
-from absl import app, flags
+from absl import flags
 
 import llama3_jax as l3
 from llama3_jax.config import DataConfig, RunConfig, TrainConfig
@@ -48,10 +48,7 @@ def main(argv):
     # Compiling touches no chip: let several compiles share libtpu (it locks it otherwise).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     jax.config.update("jax_platforms", "cpu")
-    try:
-      devices = topology_devices(_TOPOLOGY.value)
-    except ValueError as e:
-      raise SystemExit(f"dry_run: {e}") from None
+    devices = topology_devices(_TOPOLOGY.value)
   elif not _ESTIMATE_ONLY.value:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
@@ -133,4 +130,4 @@ if __name__ == "__main__":
     ("remat", "full"),
   ]:
     FLAGS.set_default(name, default)
-  app.run(main)
+  cli.run(main)

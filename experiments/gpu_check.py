@@ -14,7 +14,7 @@ import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import llama3_jax as l3
 from llama3_jax.model.attention import attend, choose_impl
@@ -102,4 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
   FLAGS.set_default("attention_block", 128)
-  app.run(main)
+  cli.run(main)

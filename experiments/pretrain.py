@@ -8,9 +8,8 @@ re-running resumes.
 
 import cli
 import jobs
-from absl import app
 
 cli.define(*cli.PRETRAINING_GROUPS)
 
 if __name__ == "__main__":
-  app.run(jobs.pretraining_main)
+  cli.run(jobs.pretraining_main)

@@ -13,7 +13,7 @@ import json
 
 import cli
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 import llama3_jax as l3
 from llama3_jax.convert import load_checkpoint
@@ -97,4 +97,4 @@ def main(argv):
 if __name__ == "__main__":
   for name, default in [("temperature", 0.8), ("max_new_tokens", 64)]:
     FLAGS.set_default(name, default)  # diverse samples, whole responses to score
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,7 @@ import functools
 import cli
 import jobs
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 import llama3_jax as l3
 from llama3_jax.convert import save_orbax
@@ -60,4 +60,4 @@ def main(argv):
 if __name__ == "__main__":
   for name, default in [("lr", 1e-5), ("seq_len", 512), ("held_out_fraction", 0.1)]:
     FLAGS.set_default(name, default)
-  app.run(main)
+  cli.run(main)

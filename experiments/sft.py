@@ -9,7 +9,7 @@ flags; --data takes JSONL files of {"messages": [...]}.
 
 import cli
 import jobs
-from absl import app, flags
+from absl import flags
 
 cli.define(*cli.PRETRAINING_GROUPS)
 
@@ -17,4 +17,4 @@ if __name__ == "__main__":
   flags.FLAGS.set_default("data_kind", "chat")
   flags.FLAGS.set_default("lr", 1e-5)
   flags.FLAGS.set_default("sample_prompt", "")
-  app.run(jobs.pretraining_main)
+  cli.run(jobs.pretraining_main)

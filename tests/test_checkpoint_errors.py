@@ -1,7 +1,9 @@
-"""Bad checkpoints fail early with errors that name the path, the tensor and the shapes."""
+"""Bad checkpoints fail early with errors that name the path, the tensor and the shapes; bad
+config files name the file and the key; tensors the config does not use are an error."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -49,26 +51,29 @@ def hf_tensors():
   return {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
 
 
-def write_hf(path, tensors):
+HF_CONFIG = {
+  "model_type": "llama",
+  "vocab_size": 512,
+  "hidden_size": 64,
+  "intermediate_size": 192,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-5,
+  "rope_theta": 500000.0,
+  "max_position_embeddings": 256,
+  "tie_word_embeddings": False,
+  "torch_dtype": "float32",
+}
+
+
+def write_hf(path, tensors, **config_changes):
+  """An HF checkpoint directory of `tensors`, its config.json HF_CONFIG with `config_changes`
+  (a value of None removes the key)."""
   os.makedirs(path)
+  config = {k: v for k, v in {**HF_CONFIG, **config_changes}.items() if v is not None}
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(
-      {
-        "model_type": "llama",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-      },
-      f,
-    )
+    json.dump(config, f)
   safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"))
   return str(path)
 
@@ -242,3 +247,74 @@ def test_hf_param_dtype_follows_stored_tensors(tmp_path):
   tensors = {name: t.astype(np.float16) for name, t in hf_tensors().items()}
   cfg, params = load_hf(write_hf(tmp_path / "hf", tensors))
   assert cfg.param_dtype == "float16" and params["embedding"].dtype == np.float16
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+  "changes, named",
+  [
+    (dict(hidden_size="64"), "hidden_size must be a positive integer, got '64'"),
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (dict(hidden_size=None), "has no 'hidden_size', which is required"),
+    (dict(rms_norm_eps="1e-5"), "rms_norm_eps must be a finite number, got '1e-5'"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings must be true or false, got 'no'"),
+    (
+      dict(rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 8192}),
+      " rope_scaling has no 'factor', which is required",
+    ),
+    (dict(num_key_value_heads=3), "ModelConfig.n_heads=4 is not divisible by n_kv_heads=3"),
+  ],
+)
+def test_a_bad_hf_config_names_the_file_and_key(tmp_path, changes, named):
+  path = write_hf(tmp_path / "hf", hf_tensors(), **changes)
+  config_file = re.escape(os.path.join(path, "config.json"))
+  with pytest.raises(ValueError, match=config_file + ".*" + re.escape(named)):
+    load_checkpoint(path)
+
+
+def test_config_files_that_are_not_json_objects_are_named(tmp_path):
+  hf = write_hf(tmp_path / "hf", hf_tensors())
+  with open(os.path.join(hf, "config.json"), "w") as f:
+    f.write('{"hidden_size": 64,')
+  config_file = re.escape(os.path.join(hf, "config.json"))
+  with pytest.raises(ValueError, match=config_file + " is not valid JSON"):
+    load_checkpoint(hf)
+  meta = write_meta(tmp_path / "meta", {0: meta_tensors()}, params=[1, 2])
+  with pytest.raises(ValueError, match="params.json holds a JSON list, not an object"):
+    load_checkpoint(meta)
+
+
+def test_a_bad_meta_config_names_the_file_and_key(tmp_path):
+  path = write_meta(tmp_path / "meta", {0: meta_tensors()}, params={**PARAMS_JSON, "dim": "64"})
+  params_file = re.escape(os.path.join(path, "params.json"))
+  with pytest.raises(ValueError, match=params_file + ": dim must be a positive integer, got '64'"):
+    load_checkpoint(path)
+
+
+def test_tensors_the_config_does_not_use_are_an_error(tmp_path):
+  tensors = hf_tensors()
+  tensors.update({n.replace("layers.1.", "layers.2."): w for n, w in tensors.items() if ".1." in n})
+  with pytest.raises(
+    ValueError,
+    match=r"has 9 tensors the config \(.*, 2 layers\) does not use, e\.g\. \['model\.layers\.2\.",
+  ):
+    load_checkpoint(write_hf(tmp_path / "more_layers", tensors))
+  one_layer = {**PARAMS_JSON, "n_layers": 1}
+  with pytest.raises(
+    ValueError, match=r"1 layers\) does not use, e\.g\. \['layers\.1\.attention\."
+  ):
+    load_checkpoint(write_meta(tmp_path / "meta", {0: meta_tensors()}, params=one_layer))
+
+
+def test_a_tied_head_must_equal_the_embedding(tmp_path):
+  tensors = hf_tensors()
+  with pytest.raises(ValueError, match="ties the output head to the embedding, but its lm_head"):
+    load_checkpoint(write_hf(tmp_path / "distinct", tensors, tie_word_embeddings=True))
+  tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+  cfg, params = load_checkpoint(write_hf(tmp_path / "same", tensors, tie_word_embeddings=True))
+  assert cfg.tie_embeddings and "output" not in params
+  del tensors["lm_head.weight"]
+  cfg, _ = load_checkpoint(write_hf(tmp_path / "absent", tensors, tie_word_embeddings=True))
+  assert cfg.tie_embeddings

@@ -3,10 +3,15 @@ checkpoint path that is a file or lacks room fails before any step, naming it; a
 directory is refused, a stale lock taken over; a resume with other data is refused naming each
 setting (or, allowed, starts the data afresh); a resume that only adds steps keeps the
 checkpoint's learning-rate schedule; Ctrl-C saves and exits 130; a SIGTERM that lands on a
-skipped (non-finite) step still saves it; held-out batches are read from the sources once."""
+skipped (non-finite) step still saves it; held-out batches are read from the sources once. Every
+step carries a manifest of digests; a flipped byte, an empty or partial step, NaN values or an
+impossible data position are found, and resume falls back to the newest good step exactly (the
+same rule load_checkpoint follows), setting the bad ones aside."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import llama3_jax as l3
@@ -25,7 +31,10 @@ from llama3_jax.config import (
   RunConfig,
   TrainConfig,
 )
+from llama3_jax.config.data_config import parse_ramp
+from llama3_jax.convert import step_integrity
 from llama3_jax.data import make_pipeline
+from llama3_jax.data.pipeline import check_position
 from llama3_jax.train import loop
 from llama3_jax.train.checkpoint_dir import LOCK_FILE
 from llama3_jax.train.checkpointing import RunCheckpointer
@@ -71,11 +80,11 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
   assert not (tmp_path / LOCK_FILE).exists()
 
 
-def _run(directory, steps, save_every=1, eval_every=0, **data_changes):
+def _run(directory, steps, save_every=1, eval_every=0, decay_steps=None, **data_changes):
   return RunConfig(
     model=l3.get_config("tiny"),
     mesh=MeshConfig.parse("fsdp=8"),
-    optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=1, decay_steps=steps),
+    optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=1, decay_steps=decay_steps or steps),
     data=DataConfig(seq_len=16, global_batch_size=8).replace(**data_changes),
     train=TrainConfig(steps=steps, log_every=1, eval_every=eval_every, eval_batches=2),
     checkpoint=CheckpointConfig(directory=str(directory), save_every=save_every),
@@ -185,3 +194,116 @@ def test_held_out_batches_are_read_once(tmp_path, tokenizer, monkeypatch):
   result = loop.train_run(_run(tmp_path, 3, eval_every=1, held_out_fraction=0.05), tokenizer)
   assert reads.count("eval") == 1
   assert result.last["step"] == 3 and result.last["eval_loss"] > 0
+
+
+def _losses(metrics_file):
+  with open(metrics_file) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _largest_file(step_dir):
+  files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_every_step_carries_a_manifest_of_its_files(tmp_path, tokenizer):
+  loop.train_run(_run(tmp_path, 2), tokenizer)
+  for step in ("1", "2"):
+    step_dir = tmp_path / step
+    with open(step_dir / step_integrity.MANIFEST_FILE) as f:
+      listed = json.load(f)["files"]
+    on_disk = {
+      os.path.relpath(os.path.join(root, name), step_dir)
+      for root, _, names in os.walk(step_dir)
+      for name in names
+    } - {step_integrity.MANIFEST_FILE, *step_integrity.UNDIGESTED}
+    assert set(listed) == on_disk and any(name.startswith("state/") for name in listed)
+    for name, entry in listed.items():
+      with open(step_dir / name, "rb") as f:
+        assert entry["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert step_integrity.problem(str(step_dir)) is None
+
+
+def test_a_flipped_byte_is_found_and_resume_falls_back_exactly(tmp_path, tokenizer):
+  straight = tmp_path / "straight.jsonl"
+  loop.train_run(_run(tmp_path / "a", 5), tokenizer, metrics_file=str(straight))
+  interrupted = tmp_path / "interrupted.jsonl"
+  first_part = _run(tmp_path / "b", 4, decay_steps=5)
+  loop.train_run(first_part, tokenizer, metrics_file=str(interrupted))
+  target = _largest_file(tmp_path / "b" / "4")
+  with open(target, "r+b") as f:
+    f.seek(os.path.getsize(target) // 2)
+    block = f.read(64)
+    f.seek(-64, os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in block))
+  name = os.path.relpath(target, tmp_path / "b" / "4")
+  assert step_integrity.problem(str(tmp_path / "b" / "4")) == (
+    f"{name} differs from its digest in {step_integrity.MANIFEST_FILE} (a corrupted file)"
+  )
+  with pytest.raises(ValueError, match="not intact: .* differs from its digest"):
+    l3.load_checkpoint(str(tmp_path / "b" / "4"))
+  loop.train_run(_run(tmp_path / "b", 5), tokenizer, metrics_file=str(interrupted))
+  assert os.path.isdir(tmp_path / "b" / "rejected-step-4")  # set aside, not deleted
+  with open(interrupted) as f:
+    assert [r["step"] for r in map(json.loads, f)] == [1, 2, 3, 4, 4, 5]  # resumed from 3
+  assert _losses(interrupted) == _losses(straight)  # bitwise
+
+
+def test_an_empty_or_partial_newest_step_is_skipped_by_resume_and_load_alike(tmp_path, tokenizer):
+  loop.train_run(_run(tmp_path, 2), tokenizer)
+  os.mkdir(tmp_path / "7")  # empty
+  shutil.copytree(tmp_path / "2" / "config", tmp_path / "5" / "config")  # config only
+  shutil.copytree(tmp_path / "2", tmp_path / "4")  # a half-deleted step
+  shutil.rmtree(tmp_path / "4" / "state" / "ocdbt.process_0")
+  _, params = l3.load_checkpoint(str(tmp_path))
+  _, step_2 = l3.load_checkpoint(str(tmp_path / "2"))
+  jax.tree.map(np.testing.assert_array_equal, params, step_2)
+  result = loop.train_run(_run(tmp_path, 3), tokenizer)
+  assert result.first["step"] == 2 and result.last["step"] == 3
+  assert sorted(p for p in os.listdir(tmp_path) if "step" in p) == [
+    "rejected-step-4",
+    "rejected-step-5",
+    "rejected-step-7",
+  ]
+
+
+def test_non_finite_values_or_an_impossible_data_position_fall_back(tmp_path, tokenizer, caplog):
+  loop.train_run(_run(tmp_path / "run", 3), tokenizer)
+  nan_run = _run(tmp_path / "nan", 4)
+  params = l3.init_params(nan_run.model, jax.random.key(0))
+  params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
+  loop.train_run(nan_run, tokenizer, init_params=params)  # every update skipped: NaN kept
+  shutil.copytree(tmp_path / "nan" / "4", tmp_path / "run" / "4")  # intact, but NaN
+  position_file = tmp_path / "run" / "3" / "data" / "process_0-of-1.json"
+  position = json.loads(position_file.read_text())
+  position["parent_window_start_state"]["parent"]["parents"][0]["next_index"] = 10**9
+  position_file.write_text(json.dumps(position))
+  step_integrity.write_manifest(str(tmp_path / "run" / "3"), 3)  # digests match: intact, wrong
+  with pytest.raises(ValueError, match="can be resumed \\(step 4: NaN or Inf in .*final_norm"):
+    loop.train_run(_run(tmp_path / "nan", 5), tokenizer)  # no step to fall back to
+  assert sorted(p for p in os.listdir(tmp_path / "nan") if p[0].isdigit()) == ["2", "3", "4"]
+  result = loop.train_run(_run(tmp_path / "run", 4), tokenizer)
+  assert result.first["step"] == 2 and result.last["step"] == 4
+  assert "next_index is 1000000000, beyond what 3 steps can reach" in caplog.text
+  assert sorted(p for p in os.listdir(tmp_path / "run") if "step" in p) == [
+    "rejected-step-3",
+    "rejected-step-4",
+  ]
+
+
+def test_a_data_position_is_checked_against_closed_form_bounds(tokenizer):
+  plain = DataConfig(seq_len=16, global_batch_size=8, row_shuffle_window=4)
+  ramp = plain.replace(ramp=parse_ramp("300:4x32,700:8x64"))
+  for data in (plain, ramp):
+    batches = make_pipeline(data, tokenizer, split="train")
+    for step in range(1, 9):
+      next(batches)
+      check_position(batches.get_state(), step, data)  # the real positions pass
+  state = batches.get_state()  # the ramp's: 3 batches of 8x16, 3 of 4x32 (from 384), 2 of 8x64
+  assert state["tokens"] == 8 * 16 * 3 + 4 * 32 * 3 + 8 * 64 * 2
+  with pytest.raises(ValueError, match="tokens is 1792; 7 steps of this ramp read 1280"):
+    check_position(state, 7, ramp)
+  with pytest.raises(ValueError, match="pos_in_window is 2.5, not a count"):
+    check_position({"pos_in_window": 2.5}, 1, plain)
+  with pytest.raises(ValueError, match="pos_in_window is 5, beyond what 1 steps can reach \\(4\\)"):
+    check_position({"pos_in_window": 5}, 1, plain)

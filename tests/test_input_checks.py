@@ -1,11 +1,13 @@
 """Inputs a user gets wrong are refused by name: sampling parameters that are not finite or not
-whole (a NaN temperature used to emit token 0 forever with rc 0), mesh degrees that are not
-numbers."""
+whole (a NaN temperature used to emit token 0 forever with rc 0), token ids that are not integers
+(they were truncated), mesh degrees that are not numbers; every binary prints a user's mistake as
+one line and exits 2."""
 
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import llama3_jax as l3
@@ -34,14 +36,57 @@ def test_a_mesh_degree_that_is_not_a_number_is_named():
     MeshConfig.parse("fsdp=abc")
 
 
-def test_generate_refuses_a_nan_temperature():
-  done = subprocess.run(
-    [sys.executable, os.path.join(REPO, "experiments", "generate.py"), "--prompt=hi"]
-    + ["--temperature=nan", "--max_new_tokens=4"],
+def test_token_ids_that_are_not_integers_are_refused_not_truncated():
+  cfg = l3.get_config("test-3.0")
+  params = l3.init_params(cfg, jax.random.key(0))
+  for prompts, stops, named in [
+    ([[1, 2.7, 3]], (), "Prompt 0 must be a sequence of integer token ids, got float64"),
+    (
+      [[1, 2], [[3, 4]]],
+      (),
+      "Prompt 1 must be a sequence of integer token ids, got int64 values of shape \\(1, 2\\)",
+    ),
+    ([[1, 2]], (5.5,), "stop_ids must be a sequence of integer token ids, got float64"),
+    ([[1, 2]], (600,), "stop_ids has token ids \\[600\\] outside the vocabulary \\[0, 512\\)"),
+  ]:
+    with pytest.raises(ValueError, match=named):
+      l3.generate(cfg, params, prompts, max_new_tokens=2, stop_ids=stops)
+
+
+def _binary(name, *flags):
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "experiments", name), *flags],
     capture_output=True,
     text=True,
     timeout=300,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
   )
-  assert done.returncode != 0
-  assert "SamplingConfig.temperature must be >= 0, got nan" in done.stderr
+
+
+@pytest.mark.parametrize(
+  "binary, flags, named",
+  [
+    (
+      "generate.py",
+      ["--prompt=hi", "--temperature=nan"],
+      "SamplingConfig.temperature must be >= 0, got nan",
+    ),
+    ("pretrain.py", ["--steps=abc"], "flag --steps=abc: invalid literal for int()"),
+    (
+      "convert.py",
+      ["--checkpoint=/no/such/dir", "--output=/tmp/unused-out", "--to=hf"],
+      "/no/such/dir",
+    ),
+    (
+      "dry_run.py",
+      ["--config=tiny", "--mesh=fsdp=3", "--devices=3", "--global_batch_size=8", "--seq_len=16"],
+      "global_batch_size",
+    ),
+  ],
+)
+def test_a_users_mistake_is_one_line_and_status_2(binary, flags, named):
+  done = _binary(binary, *flags)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{binary}: error: ") and named in last, last

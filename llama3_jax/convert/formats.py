@@ -19,11 +19,11 @@ from llama3_jax.convert.orbax_io import (
   RUN_CONFIG_ITEM,
   RUN_STATE_ITEM,
   is_orbax_checkpoint,
+  is_run_checkpoint,
   load_orbax,
   load_run_checkpoint,
   orbax_kind,
   run_kind,
-  run_step_directory,
 )
 from llama3_jax.model.spec import LM
 
@@ -70,7 +70,7 @@ ORBAX = Format(
 RUN = Format(
   "training run",
   f"{RUN_STATE_ITEM}/ + {RUN_CONFIG_ITEM}/ (a training run's step, or step directories of them)",
-  lambda path: run_step_directory(path) is not None,
+  is_run_checkpoint,
   load_run_checkpoint,
   run_kind,
 )

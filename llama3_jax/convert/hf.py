@@ -11,11 +11,18 @@ import safetensors.numpy
 from absl import logging
 
 from llama3_jax.config import ModelConfig, RopeScaling
-from llama3_jax.convert.layout import assemble_params, iter_torch_tensors
+from llama3_jax.convert.config_files import ConfigFile, build, read_json_object
+from llama3_jax.convert.layout import (
+  assemble_params,
+  check_all_used,
+  iter_torch_tensors,
+  same_bits,
+)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 EMBEDDING = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
 SINGLE_FILE = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Llama 3's stop tokens: <|end_of_text|>, <|eom_id|>, <|eot_id|>.
@@ -28,45 +35,51 @@ def is_hf_checkpoint(path: str) -> bool:
   )
 
 
-def config_from_hf(hf: Dict, **overrides) -> ModelConfig:
-  """ModelConfig from a Hugging Face LlamaConfig dict (old `rope_scaling` or new `rope_parameters`)."""
-  if hf.get("model_type", "llama") != "llama":
-    raise ValueError(f"config.json has model_type={hf['model_type']!r}; expected 'llama'")
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
+def config_from_hf(hf: Dict, source: str = CONFIG_FILE, **overrides) -> ModelConfig:
+  """ModelConfig from a Hugging Face LlamaConfig dict (old `rope_scaling` or new
+  `rope_parameters`) read from the file `source`, which every error names with the key."""
+  values = ConfigFile(hf, source)
+  model_type = values.text("model_type", "llama")
+  if model_type != "llama":
+    raise ValueError(f"{source} has model_type={model_type!r}; expected 'llama'")
+  rope = values.section("rope_parameters", "rope_scaling")
+  rope_type = rope.text("rope_type", rope.text("type", "default"))
   if rope_type not in ("default", "llama3"):
     raise ValueError(
-      f"config.json rope type {rope_type!r} is not supported; expected 'llama3' or none"
+      f"{source} rope type {rope_type!r} is not supported; expected 'llama3' or none"
     )
   scaling = None
   if rope_type == "llama3":
-    scaling = RopeScaling(
-      factor=float(rope["factor"]),
-      low_freq_factor=float(rope["low_freq_factor"]),
-      high_freq_factor=float(rope["high_freq_factor"]),
-      original_context=int(rope["original_max_position_embeddings"]),
+    scaling = build(
+      RopeScaling,
+      rope.where,
+      factor=rope.number("factor"),
+      low_freq_factor=rope.number("low_freq_factor"),
+      high_freq_factor=rope.number("high_freq_factor"),
+      original_context=rope.count("original_max_position_embeddings"),
     )
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-  if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-    raise ValueError(f"config.json head_dim={head_dim} * heads != hidden_size={hf['hidden_size']}")
-  if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise ValueError("config.json asks for attention/mlp biases, which Llama 3 does not have")
+  dim, n_heads = values.count("hidden_size"), values.count("num_attention_heads")
+  head_dim = values.count("head_dim", dim // n_heads)
+  if head_dim * n_heads != dim:
+    raise ValueError(f"{source}: head_dim={head_dim} * heads={n_heads} != hidden_size={dim}")
+  if values.boolean("attention_bias", False) or values.boolean("mlp_bias", False):
+    raise ValueError(f"{source} asks for attention/mlp biases, which Llama 3 does not have")
   fields = dict(
-    name=hf.get("_name_or_path") or "hf-llama",
-    vocab_size=hf["vocab_size"],
-    dim=hf["hidden_size"],
-    n_layers=hf["num_hidden_layers"],
-    n_heads=hf["num_attention_heads"],
-    n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-    ffn_dim=hf["intermediate_size"],
-    norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+    name=values.text("_name_or_path", "") or "hf-llama",
+    vocab_size=values.count("vocab_size"),
+    dim=dim,
+    n_layers=values.count("num_hidden_layers"),
+    n_heads=n_heads,
+    n_kv_heads=values.count("num_key_value_heads", n_heads),
+    ffn_dim=values.count("intermediate_size"),
+    norm_eps=values.number("rms_norm_eps", 1e-5),
+    rope_theta=rope.number("rope_theta", values.number("rope_theta", 10_000.0)),
     rope_scaling=scaling,
-    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    max_seq_len=hf.get("max_position_embeddings", 8192),
+    tie_embeddings=values.boolean("tie_word_embeddings", False),
+    max_seq_len=values.count("max_position_embeddings", 8192),
   )
   fields.update(overrides)
-  return ModelConfig(**fields)
+  return build(ModelConfig, source, **fields)
 
 
 def config_to_hf(cfg: ModelConfig) -> Dict:
@@ -125,8 +138,8 @@ def load_hf(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
 
   `param_dtype` defaults to the dtype the tensors are stored in.
   """
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    hf_config = json.load(f)
+  config_file = os.path.join(path, CONFIG_FILE)
+  hf_config = read_json_object(config_file)
   files = _tensor_files(path)
   with contextlib.ExitStack() as stack:
     handles = {}
@@ -148,10 +161,19 @@ def load_hf(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
           f"{EMBEDDING!r} is stored as {stored}; expected one of {sorted(_SAFETENSORS_DTYPES)}"
         )
       overrides["param_dtype"] = _SAFETENSORS_DTYPES[stored]
-    cfg = config_from_hf(hf_config, **overrides)
-    params = assemble_params(
-      cfg, lambda spec: handle(spec.hf_name).get_tensor(spec.hf_name), jnp.dtype(cfg.param_dtype)
+    cfg = config_from_hf(hf_config, config_file, **overrides)
+
+    def read(name: str):
+      return handle(name).get_tensor(name)
+
+    check_all_used(
+      cfg,
+      files,
+      lambda spec: spec.hf_name,
+      lambda: same_bits(read(EMBEDDING), read(HEAD)),
+      f"Checkpoint {path}",
     )
+    params = assemble_params(cfg, lambda spec: read(spec.hf_name), jnp.dtype(cfg.param_dtype))
   logging.info(
     "Loaded Hugging Face checkpoint %s (%d tensors, params %s)", path, len(files), cfg.param_dtype
   )

@@ -66,6 +66,44 @@ def tensor_specs(cfg: ModelConfig) -> Iterator[TensorSpec]:
     yield TensorSpec(("output",), None, "lm_head.weight", "output.weight", COLUMN_PARALLEL)
 
 
+# Buffers some checkpoints carry that are derived from the config, not weights.
+DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+  """Whether two arrays are bit-identical (NaNs included)."""
+  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def check_all_used(
+  cfg: ModelConfig,
+  names,
+  name_of: Callable[[TensorSpec], str],
+  head_equals_embedding: Callable[[], bool],
+  where: str,
+) -> None:
+  """Raises ValueError naming the tensors among `names` (a checkpoint's, named by `name_of`)
+  that `cfg` has no place for, rather than dropping them: more layers than `cfg.n_layers`, or an
+  output head of its own while `cfg` ties it to the embedding (unless `head_equals_embedding()`:
+  bit-identical, a tied model saved with both)."""
+  used = {name_of(spec) for spec in tensor_specs(cfg)}
+  unused = sorted(n for n in names if n not in used and not n.endswith(DERIVED_SUFFIXES))
+  head = name_of(TensorSpec(("output",), None, "lm_head.weight", "output.weight", None))
+  if head in unused and cfg.tie_embeddings:
+    if head_equals_embedding():
+      unused.remove(head)
+    else:
+      raise ValueError(
+        f"{where} ties the output head to the embedding, but its {head} differs from the "
+        "embedding: untie them (tie_embeddings=False) to keep that head"
+      )
+  if unused:
+    raise ValueError(
+      f"{where} has {len(unused)} tensors the config ({cfg.name}, {cfg.n_layers} layers) does "
+      f"not use, e.g. {unused[:4]}: its config does not describe its weights"
+    )
+
+
 def torch_shape(spec: TensorSpec, cfg: ModelConfig) -> Tuple[int, ...]:
   """Shape of the tensor in the torch checkpoints."""
   if spec.path[-1] == "scale":

@@ -16,11 +16,14 @@ import numpy as np
 from absl import logging
 
 from llama3_jax.config import PRESETS, ModelConfig, RopeScaling, meta_ffn_dim
+from llama3_jax.convert.config_files import ConfigFile, build, read_json_object
 from llama3_jax.convert.layout import (
   COLUMN_PARALLEL,
   TensorSpec,
   assemble_params,
+  check_all_used,
   interleaved_to_half_split,
+  same_bits,
   torch_shape,
 )
 
@@ -74,9 +77,13 @@ def _preset_shape(cfg: ModelConfig) -> Tuple:
 
 
 def config_from_meta(
-  params_json: Dict, rope_scaling_factor: Optional[float] = None, **overrides
+  params_json: Dict,
+  rope_scaling_factor: Optional[float] = None,
+  source: str = PARAMS_FILE,
+  **overrides,
 ) -> ModelConfig:
-  """ModelConfig from a Meta params.json dict.
+  """ModelConfig from a Meta params.json dict read from the file `source` (named, with the key,
+  by every error).
 
   params.json does not record the RoPE scaling factor, so with `use_scaled_rope` it comes from
   `rope_scaling_factor` if given, else from the scaled-rope preset of the same shape (Llama 3.2
@@ -86,19 +93,18 @@ def config_from_meta(
   unsupported = sorted(k for k in _UNSUPPORTED_KEYS if k in params_json)
   if unsupported:
     raise ValueError(
-      f"params.json has {unsupported}: quantized, LoRA and vision checkpoints are not "
+      f"{source} has {unsupported}: quantized, LoRA and vision checkpoints are not "
       "supported; expected a dense text model"
     )
-  missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size") if k not in params_json]
-  if missing:
-    raise ValueError(f"params.json is missing {missing}")
-  dim, n_heads = params_json["dim"], params_json["n_heads"]
-  n_kv_heads = params_json.get("n_kv_heads") or n_heads
+  values = ConfigFile(params_json, source)
+  dim, n_heads = values.count("dim"), values.count("n_heads")
+  n_layers, vocab_size = values.count("n_layers"), values.count("vocab_size")
+  n_kv_heads = values.count("n_kv_heads", n_heads)
   ffn_dim = meta_ffn_dim(
-    dim, params_json.get("ffn_dim_multiplier"), params_json.get("multiple_of", 256)
+    dim, values.number("ffn_dim_multiplier", None), values.count("multiple_of", 256)
   )
-  scaled = bool(params_json.get("use_scaled_rope", False))
-  shape = (dim, params_json["n_layers"], n_heads, n_kv_heads, params_json["vocab_size"], ffn_dim)
+  scaled = values.boolean("use_scaled_rope", False)
+  shape = (dim, n_layers, n_heads, n_kv_heads, vocab_size, ffn_dim)
   matches = [
     p
     for p in PRESETS.values()
@@ -130,20 +136,20 @@ def config_from_meta(
 
   fields = dict(
     name=matches[0].name if len(matches) == 1 else "meta-llama",
-    vocab_size=params_json["vocab_size"],
+    vocab_size=vocab_size,
     dim=dim,
-    n_layers=params_json["n_layers"],
+    n_layers=n_layers,
     n_heads=n_heads,
     n_kv_heads=n_kv_heads,
     ffn_dim=ffn_dim,
-    norm_eps=float(params_json.get("norm_eps", 1e-5)),
-    rope_theta=float(params_json.get("rope_theta", 500_000.0)),
+    norm_eps=values.number("norm_eps", 1e-5),
+    rope_theta=values.number("rope_theta", 500_000.0),
     rope_scaling=scaling,
     tie_embeddings=bool(matches) and all(p.tie_embeddings for p in matches),
     max_seq_len=max(p.max_seq_len for p in matches) if matches else (131_072 if scaled else 8192),
   )
   fields.update(overrides)
-  return ModelConfig(**fields)
+  return build(ModelConfig, source, **fields)
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -217,8 +223,7 @@ def _embeddings_tied(shards: _Shards, cfg: ModelConfig) -> bool:
     return False
   embedding = shards.read("tok_embeddings.weight", COLUMN_PARALLEL)
   output = shards.read("output.weight", COLUMN_PARALLEL)
-  uint = f"u{embedding.dtype.itemsize}"
-  if output.shape == embedding.shape and np.array_equal(embedding.view(uint), output.view(uint)):
+  if same_bits(embedding, output):
     return True
   logging.warning(
     "Meta checkpoint output.weight differs from tok_embeddings.weight although the "
@@ -237,8 +242,7 @@ def load_meta(
   params_file = os.path.join(path, PARAMS_FILE)
   if not os.path.isfile(params_file):
     raise FileNotFoundError(f"No {PARAMS_FILE} in Meta checkpoint directory {path}")
-  with open(params_file) as f:
-    params_json = json.load(f)
+  params_json = read_json_object(params_file)
   shards = _Shards(path)
   if "tok_embeddings.weight" not in shards:
     raise ValueError(
@@ -248,9 +252,19 @@ def load_meta(
     "param_dtype",
     _torch_dtype_name(shards.state_dicts[0]["tok_embeddings.weight"], "tok_embeddings.weight"),
   )
-  cfg = config_from_meta(params_json, rope_scaling_factor, **overrides)
+  cfg = config_from_meta(params_json, rope_scaling_factor, params_file, **overrides)
   if "tie_embeddings" not in overrides:
     cfg = cfg.replace(tie_embeddings=_embeddings_tied(shards, cfg))
+  check_all_used(
+    cfg,
+    shards.state_dicts[0],
+    lambda spec: spec.meta_name,
+    lambda: same_bits(
+      shards.read("tok_embeddings.weight", COLUMN_PARALLEL),
+      shards.read("output.weight", COLUMN_PARALLEL),
+    ),
+    f"Meta checkpoint {path}",
+  )
 
   def read(spec: TensorSpec) -> np.ndarray:
     w = shards.read(spec.meta_name, spec.meta_shard_axis)

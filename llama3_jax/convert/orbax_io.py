@@ -23,6 +23,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
+from llama3_jax.convert import step_integrity
 from llama3_jax.model.spec import LM, ModelSpec, spec_of, tree_kind
 
 CONFIG_FILE = "llama3_jax_config.json"
@@ -202,32 +203,51 @@ def _is_run_step(path: str) -> bool:
   return all(os.path.isdir(os.path.join(path, item)) for item in (RUN_STATE_ITEM, RUN_CONFIG_ITEM))
 
 
-def run_steps(directory: str) -> List[int]:
-  """The steps saved (complete) in a training run's checkpoint directory, oldest first."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(
-    int(name)
-    for name in os.listdir(directory)
-    if name.isdigit() and _is_run_step(os.path.join(directory, name))
+def is_run_checkpoint(path: str) -> bool:
+  """`path` is one step of a training run's checkpoints (`state/` + `config/`, as
+  `RunCheckpointer` writes them) or a run's directory of such steps, intact or not."""
+  return _is_run_step(path) or any(
+    _is_run_step(os.path.join(path, str(step))) for step in step_integrity.step_numbers(path)
   )
 
 
-def run_step_directory(path: str) -> Optional[str]:
-  """`path` if it is one step of a training run's checkpoints (`state/` + `config/`, as
-  `RunCheckpointer` writes them), the newest step if `path` is the run's checkpoint directory,
-  else None."""
+def run_steps(directory: str) -> List[int]:
+  """The intact steps (step_integrity.py) of a training run's checkpoint directory, oldest first."""
+  return [
+    step
+    for step in step_integrity.step_numbers(directory)
+    if step_integrity.problem(os.path.join(directory, str(step))) is None
+  ]
+
+
+def run_step_directory(path: str) -> str:
+  """The step to read: `path` if it is one step of a training run, which must be intact, else the
+  newest intact step of the run directory `path` (the rule resume follows). ValueError naming what
+  is wrong with the step, or with each step when none is intact; FileNotFoundError without any."""
   if _is_run_step(path):
+    found = step_integrity.problem(path)
+    if found:
+      raise ValueError(f"Training checkpoint {path} is not intact: {found}")
     return path
-  steps = run_steps(path)
-  return os.path.join(path, str(steps[-1])) if steps else None
+  step, rejected = step_integrity.newest_intact(path)
+  if step is None and not rejected:
+    raise FileNotFoundError(f"{path} holds no training-run checkpoint (state/ and config/)")
+  if step is None:
+    raise ValueError(
+      f"{path} holds no intact training-run step ({step_integrity.describe(rejected)})"
+    )
+  if rejected:
+    logging.warning(
+      "Reading step %d of %s; newer steps are not intact: %s",
+      step,
+      path,
+      step_integrity.describe(rejected),
+    )
+  return os.path.join(path, str(step))
 
 
 def _run_stored(path: str) -> _Stored:
-  step_dir = run_step_directory(path)
-  if step_dir is None:
-    raise FileNotFoundError(f"{path} holds no training-run checkpoint (state/ and config/)")
-  step_dir = os.path.abspath(step_dir)
+  step_dir = os.path.abspath(run_step_directory(path))
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     run_config = checkpointer.restore(os.path.join(step_dir, RUN_CONFIG_ITEM))
   if "model" not in run_config:

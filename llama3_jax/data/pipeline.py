@@ -288,3 +288,56 @@ def _mixed_documents(
     names,
   )
   return MixIterDataset(streams, weights, names=names, epoch_sizes=sizes)
+
+
+def _ramp_tokens(stages, steps: int) -> int:
+  """Global training tokens read after `steps` batches of the ramp `stages` (RampDatasetIterator):
+  each batch is of the last stage whose start the tokens read before it have reached."""
+  tokens = 0
+  for i, stage in enumerate(stages):
+    if not steps:
+      break
+    end = stages[i + 1].start_tokens if i + 1 < len(stages) else None
+    taken = (
+      steps if end is None else min(steps, max(0, -(-(end - tokens) // stage.tokens_per_batch)))
+    )
+    tokens, steps = tokens + taken * stage.tokens_per_batch, steps - taken
+  return tokens
+
+
+def check_position(state: dict, steps: int, data_cfg: DataConfig, process_count: int = 1) -> None:
+  """Raises ValueError naming the entry of this process's data position `state` (make_pipeline's
+  `get_state()`) that `steps` training batches cannot have reached: a negative or fractional
+  count; a source's next document beyond the documents the rows read so far can hold (each holds
+  at least one token; rows read: the batches' rows plus a shuffle window per stage); a position in
+  a shuffle window beyond its size; or, with a ramp, training tokens other than the closed form."""
+  stages = data_cfg.stages
+  window = data_cfg.row_shuffle_window if data_cfg.shuffle else 0
+  rows = steps * max(s.global_batch_size for s in stages) // process_count
+  rows += (window + 1) * len(stages)
+  bounds = {
+    "next_index": rows * (max(s.seq_len for s in stages) + 1) + len(stages),
+    "pos_in_window": window,
+    "window_index": rows // max(window, 1) + 1,
+  }
+
+  def walk(entry, path):
+    if isinstance(entry, dict):
+      for key, value in entry.items():
+        walk(value, f"{path}.{key}" if path else key)
+    elif isinstance(entry, list):
+      for i, value in enumerate(entry):
+        walk(value, f"{path}[{i}]")
+    elif isinstance(entry, (int, float)) and not isinstance(entry, bool):
+      if not (float(entry).is_integer() and entry >= 0):
+        raise ValueError(f"{path} is {entry!r}, not a count")
+      bound = bounds.get(path.rsplit(".", 1)[-1].split("[")[0])
+      if bound is not None and entry > bound:
+        raise ValueError(f"{path} is {entry}, beyond what {steps} steps can reach ({bound})")
+
+  walk(state, "")
+  if data_cfg.ramp and state.get("tokens") != _ramp_tokens(stages, steps):
+    raise ValueError(
+      f"tokens is {state.get('tokens')!r}; {steps} steps of this ramp read "
+      f"{_ramp_tokens(stages, steps)}"
+    )

@@ -15,20 +15,33 @@ from llama3_jax.parallel.context import load_balanced_order, reorder_for_context
 NOT_GENERATED = -1
 
 
+def check_token_ids(ids, what: str, vocab_size: int) -> np.ndarray:
+  """`ids` as a 1-D integer array; ValueError naming `what` when they are not integers (floats are
+  refused, not truncated) or fall outside the vocabulary."""
+  ids = np.asarray(ids)
+  if ids.size and (
+    ids.ndim != 1 or ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer)
+  ):
+    raise ValueError(
+      f"{what} must be a sequence of integer token ids, got {ids.dtype} values of shape {ids.shape}"
+    )
+  bad = ids[(ids < 0) | (ids >= vocab_size)] if ids.size else ids
+  if bad.size:
+    raise ValueError(
+      f"{what} has token ids {sorted(set(bad.tolist()))[:10]} outside the vocabulary "
+      f"[0, {vocab_size})"
+    )
+  return ids.astype(np.int64)
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
-  """Raises ValueError for an empty batch, an empty prompt or a token id outside the vocabulary."""
+  """Raises ValueError for an empty batch, an empty prompt or bad token ids (`check_token_ids`)."""
   if not prompts:
     raise ValueError("generate needs at least one prompt")
   for row, prompt in enumerate(prompts):
-    ids = np.asarray(prompt)
-    if ids.size == 0:
+    if np.size(prompt) == 0:
       raise ValueError(f"Prompt {row} is empty")
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
-    if bad.size:
-      raise ValueError(
-        f"Prompt {row} has token ids {sorted(set(bad.tolist()))[:10]} outside the vocabulary "
-        f"[0, {vocab_size})"
-      )
+    check_token_ids(prompt, f"Prompt {row}", vocab_size)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -179,7 +192,7 @@ def generate(
   tokens, lengths = pad_prompts(
     prompts, padded_length(longest, limit=cfg.max_seq_len - max_new_tokens + 1)
   )
-  stops = sorted(set(int(i) for i in stop_ids))
+  stops = sorted(set(check_token_ids(list(stop_ids), "stop_ids", cfg.vocab_size).tolist()))
   out = np.asarray(
     generate_tokens(
       params,

@@ -1,23 +1,33 @@
 """Orbax checkpoints of a training run (train state, data-iterator position and the run config)
 and the checks before resuming one.
 
-Each save goes to a temporary directory that Orbax renames into place only once complete, so an
-interrupted save never replaces the last good checkpoint; the newest complete step is restored.
+Each save goes to a temporary directory that Orbax renames into place only once complete, with
+the step's manifest of file digests written just before (convert/step_integrity.py), so an
+interrupted save never replaces the last good checkpoint. Resume takes the newest step that is
+intact and restores with finite values; newer steps that are not are set aside, by name.
 """
 
+import glob
 import json
 import os
 import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import grain
-import orbax.checkpoint as ocp
 import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from llama3_jax.config import ModelConfig, architecture_differences
+from llama3_jax.convert import step_integrity
 from llama3_jax.convert.orbax_io import RUN_CONFIG_ITEM, RUN_STATE_ITEM
 from llama3_jax.train.checkpoint_dir import DirectoryLock, check_writable
+
+# A step set aside (not intact, or restoring non-finite values) is renamed to this, with its step.
+SET_ASIDE_PREFIX = "rejected-step-"
 
 
 class _DataPosition:
@@ -35,21 +45,58 @@ class CheckpointSaveError(RuntimeError):
   """A save that failed; the steps saved before it are intact."""
 
 
+class DamagedStep(ValueError):
+  """A step whose restored contents are unusable (non-finite values, a data position out of
+  range); resume falls back to an older step."""
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(
+    lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True, tree
+  )
+
+
+def nonfinite_entries(tree) -> list:
+  """Paths ("params/layers/attention/wq") of the float arrays in `tree` holding a NaN or Inf."""
+  flags = jax.device_get(_finite_leaves(tree))
+  return [
+    "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    for path, finite in jax.tree_util.tree_flatten_with_path(flags)[0]
+    if not bool(finite)
+  ]
+
+
 class RunCheckpointer:
-  """Saves every `save_every` steps (asynchronously) and keeps the newest `keep` checkpoints.
-  A run that writes claims the directory first (`claim`); readers need not."""
+  """Saves every `save_every` steps (asynchronously unless `async_save` is False) and keeps the
+  newest `keep` checkpoints. A run that writes claims the directory first (`claim`); readers need
+  not. Every step gets a manifest of its files' digests, written by process 0 once all processes'
+  files are complete and before the step takes its name."""
 
   def __init__(self, directory: str, save_every: int, keep: int = 3, async_save: bool = True):
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
+    self._async = async_save
     check_writable(self.directory)
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+      max_to_keep=keep,
+      create=True,
+      async_options=ocp.options.AsyncOptions(post_finalization_callback=self._seal),
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._lock = DirectoryLock(self.directory)
+    self._sealing: Optional[int] = None
+    self.rejected: Dict[int, str] = {}  # steps found not intact or damaged: why
+
+  def _seal(self) -> None:
+    """Orbax's callback on process 0 when step `_sealing` is complete but not yet renamed: writes
+    its manifest into the temporary directory (or the step, where saves are not renamed)."""
+    step = self._sealing
+    pending = glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
+    step_dir = pending[0] if len(pending) == 1 else os.path.join(self.directory, str(step))
+    step_integrity.write_manifest(step_dir, step)
 
   def claim(self, state_bytes: int) -> None:
     """Before the first step: checks there is room for a save of `state_bytes` (this process's
@@ -73,7 +120,38 @@ class RunCheckpointer:
     )
 
   def latest_step(self) -> Optional[int]:
+    """The newest step saved, intact or not (see `intact_step`)."""
     return self._manager.latest_step()
+
+  def intact_step(self, exclude: Tuple[int, ...] = ()) -> Optional[int]:
+    """The newest intact step not in `exclude` (step_integrity.newest_intact, decided by process 0
+    for all), or None; newer steps that are not intact are added to `rejected`."""
+    step = -1
+    if jax.process_index() == 0:
+      found, rejected = step_integrity.newest_intact(self.directory, exclude)
+      self.rejected.update(rejected)
+      step = -1 if found is None else found
+    if jax.process_count() > 1:
+      step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+    return None if step < 0 else step
+
+  def set_aside(self, newer_than: int) -> None:
+    """Renames the rejected steps newer than `newer_than` to `rejected-step-N` (kept for
+    inspection, out of the way of the saves to come), saying why."""
+    for step in sorted(s for s in self.rejected if s > newer_than):
+      source = os.path.join(self.directory, str(step))
+      target, n = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}"), 1
+      while os.path.exists(target):
+        n += 1
+        target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}.{n}")
+      if jax.process_index() == 0 and os.path.exists(source):
+        os.rename(source, target)
+      logging.warning(
+        "Step %d set aside as %s: %s", step, os.path.basename(target), self.rejected[step]
+      )
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("llama3_jax set aside steps")
+    self._manager.reload()
 
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0
@@ -87,7 +165,11 @@ class RunCheckpointer:
     if data_position is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_position))
     try:
+      self._manager.wait_until_finished()  # the step before is sealed: `_sealing` is free
+      self._sealing = step
       self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+      if not self._async:
+        self._manager.wait_until_finished()
     except Exception as e:
       raise self._failed(step, e) from e
     self._lock.refresh()
@@ -95,7 +177,8 @@ class RunCheckpointer:
 
   def restore(self, step: int, abstract_state, data_iterator) -> Tuple[Any, Dict]:
     """(state placed as `abstract_state`'s shardings say, run config); moves `data_iterator` to
-    the saved position. The mesh may differ from the one that saved."""
+    the saved position. The mesh may differ from the one that saved. DamagedStep when a float
+    array holds a NaN or Inf."""
     args = {
       RUN_STATE_ITEM: ocp.args.StandardRestore(abstract_state),
       RUN_CONFIG_ITEM: ocp.args.JsonRestore(),
@@ -103,6 +186,12 @@ class RunCheckpointer:
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    nonfinite = nonfinite_entries(restored[RUN_STATE_ITEM])
+    if nonfinite:
+      raise DamagedStep(
+        f"NaN or Inf in {len(nonfinite)} arrays of its state ({', '.join(nonfinite[:4])}"
+        f"{', ...' if len(nonfinite) > 4 else ''})"
+      )
     logging.info("Restored step %d from %s", step, self.directory)
     return restored[RUN_STATE_ITEM], restored[RUN_CONFIG_ITEM]
 

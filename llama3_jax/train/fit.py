@@ -18,7 +18,8 @@ from absl import logging
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.config.base import ConfigBase
-from llama3_jax.train.checkpointing import RunCheckpointer, check_resumable
+from llama3_jax.convert.step_integrity import describe
+from llama3_jax.train.checkpointing import DamagedStep, RunCheckpointer, check_resumable
 from llama3_jax.train.signals import StopRequest
 from llama3_jax.train.train_state import TrainState
 
@@ -74,6 +75,7 @@ class Task:
   size: Callable[[Dict], Tuple[Tuple[int, ...], float]]
   run_config: Dict
   resume_keys: Sequence[str] = ()
+  check_position: Optional[Callable[[Dict, int], None]] = None
   extras: Callable[[], Dict] = dict
 
 
@@ -204,11 +206,47 @@ def _restore(checkpointer: RunCheckpointer, step: int, task: Task, policy, abstr
     logging.warning("Resuming from %s with other data (%s): data from the start", where, changed)
   positioned = hasattr(batches, "get_state") and not changed
   state, _ = checkpointer.restore(step, abstract, batches if positioned else None)
+  if positioned and task.check_position:
+    try:
+      task.check_position(batches.get_state(), step)
+    except ValueError as e:
+      raise DamagedStep(f"its data position is out of range: {e}") from None
   if not changed and not positioned:
     for _ in range(step):
       next(batches)
   logging.info("Resumed from step %d in %s", step, checkpointer.directory)
   return state
+
+
+def _resume(checkpointer: RunCheckpointer, task: Task, policy, abstract, batches):
+  """(step, state) of the newest step that is intact and restores undamaged (`_restore`), or
+  (0, None) when the directory holds no step. Newer steps that fail are named and set aside; a
+  directory whose every step fails is a ValueError naming each (nothing is set aside)."""
+  damaged = {}
+  while (step := checkpointer.intact_step(exclude=tuple(damaged))) is not None:
+    try:
+      state = _restore(checkpointer, step, task, policy, abstract, batches)
+    except DamagedStep as e:
+      logging.warning("Step %d in %s is damaged: %s", step, checkpointer.directory, e)
+      damaged[step] = str(e)
+      continue
+    checkpointer.rejected.update(damaged)
+    if checkpointer.rejected:
+      logging.warning(
+        "Resuming from step %d of %s, the newest that is intact; newer steps fail: %s",
+        step,
+        checkpointer.directory,
+        describe(checkpointer.rejected),
+      )
+      checkpointer.set_aside(newer_than=step)
+    return step, state
+  failed = {**checkpointer.rejected, **damaged}
+  if failed:
+    raise ValueError(
+      f"No step in {checkpointer.directory} can be resumed ({describe(failed)}); move them "
+      "away to start afresh"
+    )
+  return 0, None
 
 
 def fit(
@@ -222,8 +260,8 @@ def fit(
 ) -> FitResult:
   """Trains `task` on `batches` (host dicts of [B, ...] arrays) up to `policy.steps`.
 
-  With `checkpointer`, a checkpoint there is resumed (its newest step, restored into
-  `abstract_state`: ShapeDtypeStructs with shardings), else the state is `init_state()`; the state
+  With `checkpointer`, a checkpoint there is resumed (its newest intact, undamaged step, restored
+  into `abstract_state`: ShapeDtypeStructs with shardings), else the state is `init_state()`; the state
   (with the data position, when `batches` has `get_state`) is saved every `save_every` steps, at
   the end, and on SIGTERM or SIGINT, which end training after the current step; the directory
   is checked for room and locked against other runs for the time of training. Records (JSON
@@ -242,11 +280,11 @@ def fit(
 def _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics_file):
   """`fit` once the checkpoint directory (if any) is claimed."""
   started, times = time.perf_counter(), TimeBreakdown()
-  step = checkpointer.latest_step() if checkpointer else None
-  if step is None:
-    step, state = 0, init_state()
-  else:
-    state = _restore(checkpointer, step, task, policy, abstract_state, batches)
+  step, state = (
+    _resume(checkpointer, task, policy, abstract_state, batches) if checkpointer else (0, None)
+  )
+  if state is None:
+    state = init_state()
   positioned = hasattr(batches, "get_state")
 
   def evaluate(record):

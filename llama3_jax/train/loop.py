@@ -2,6 +2,7 @@
 the Layout of the run, its state created or restored in shards, grain batches with their saved
 position, next-token steps, and held-out loss over batches read once."""
 
+import functools
 import math
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -11,6 +12,7 @@ from absl import logging
 from llama3_jax.config import OptimizerConfig, RunConfig
 from llama3_jax.convert.orbax_io import MODEL_KIND_KEY
 from llama3_jax.data import MalformedCounter, make_pipeline
+from llama3_jax.data.pipeline import check_position
 from llama3_jax.parallel import mesh_context
 from llama3_jax.parallel.layout import Layout
 from llama3_jax.train.checkpointing import RunCheckpointer
@@ -90,6 +92,9 @@ def pretraining_task(
       "schedule": {"optimizer": optimizer.to_dict(), "steps": total_steps},
     },
     resume_keys=DATA_KEYS,
+    check_position=functools.partial(
+      check_position, data_cfg=run.data, process_count=jax.process_count()
+    ),
     extras=lambda: {"malformed_rows": malformed.total} if malformed.total else {},
   )
 
@@ -167,7 +172,7 @@ def train_run(
     checkpointer = RunCheckpointer(
       settings.directory, settings.save_every, settings.keep, settings.async_save
     )
-    latest = checkpointer.latest_step()
+    latest = checkpointer.intact_step()
     stored = None if latest is None else checkpointer.stored_config(latest)
   schedule = schedule_of(run, stored)
   tx = make_optimizer(*schedule)
