@@ -6,6 +6,7 @@ the jobs several binaries share).
 The README's flag table is `flag_table()` (a test checks it). Every binary starts with `run(main)`.
 """
 
+import ctypes
 import os
 import sys
 from typing import Dict, Tuple
@@ -409,10 +410,27 @@ def _parse_flags(argv):
     _fail(f"{e} (see --help)", USAGE_EXIT)
 
 
+M_ARENA_MAX = -8  # glibc mallopt parameter
+MALLOC_ARENAS = 2
+
+
+def _bound_malloc_arenas() -> None:
+  """Caps glibc's malloc arenas (one per thread by default: grain, Orbax and TensorStore threads
+  each keep freed host buffers, e.g. a save's copy of the state, so resident memory climbs for a
+  long while; experiments/soak.py measures it) unless MALLOC_ARENA_MAX is set. Off glibc: nothing."""
+  if "MALLOC_ARENA_MAX" in os.environ:
+    return
+  try:
+    ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+  except (OSError, AttributeError):
+    pass
+
+
 def run(main) -> None:
   """`app.run(main)`, with a bad flag or a user error (USER_ERRORS) raised by `main` printed as
   one line `<binary>: error: <message>` and exit status 2 (the traceback is logged at
-  --verbosity=1), and a CheckpointSaveError as one line with status 1."""
+  --verbosity=1), and a CheckpointSaveError as one line with status 1; malloc arenas bounded."""
+  _bound_malloc_arenas()
 
   def guarded(argv):
     try:

@@ -36,12 +36,14 @@ def exit_if_stopped(stop_signal, step: int) -> None:
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of Orbax and grain; their warnings and errors still show."""
+  """Drops INFO chatter of Orbax and grain; their warnings and errors still show, without the
+  tracebacks of their background threads (the error the binary ends with names what failed)."""
 
   def filter(self, record):
-    return record.levelno > logging.INFO or not any(
-      part in record.pathname for part in ("/orbax/", "/grain/")
-    )
+    if not any(part in record.pathname for part in ("/orbax/", "/grain/")):
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno > logging.logging.INFO  # the standard level, not absl's INFO (0)
 
 
 def quiet_libraries() -> None:

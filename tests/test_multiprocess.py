@@ -1,12 +1,15 @@
 """Two processes on localhost (CPU collectives over gloo), 4 fake devices each, train one fsdp=8
 mesh through `experiments/pretrain.py`: their losses equal a one-process 8-device run on the same
-global batches, and the checkpoint they wrote together restores in one process."""
+global batches, and the checkpoint they wrote together restores in one process; a SIGTERM that
+reaches one process stops both at the same step, saved."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -111,6 +114,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(two_proces
   assert stored.pop("process_count") == 2
   assert stored.pop("model_kind") == "lm"
   assert stored.pop("schedule")["steps"] == STEPS
+  assert stored.pop("progress")["restarts"] == 0
   run = RunConfig.from_dict(stored)
   losses, state, mesh, tx = _reference(run)
   np.testing.assert_allclose(two_process_losses, losses, rtol=1e-5)
@@ -130,3 +134,27 @@ def test_resuming_with_another_process_count_is_refused(two_process_run):
   _, stderr = job.communicate(timeout=600)
   assert job.returncode != 0
   assert "data position was saved by 2 processes and this run has 1" in stderr
+
+
+def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path):
+  coordinator = f"--coordinator_address=localhost:{_free_port()}"
+  jobs = [
+    _pretrain(
+      tmp_path,
+      [coordinator, "--num_processes=2", f"--process_id={i}", "--steps=500", "--save_every=1000"],
+      devices=4,
+    )
+    for i in range(2)
+  ]
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.2)
+  jobs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 must learn of it
+  logs = [job.communicate(timeout=600)[1] for job in jobs]
+  for job, stderr in zip(jobs, logs):
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  last = [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1]
+  assert 2 <= last < 500
+  assert f"Stopped by SIGTERM after step {last}" in logs[0]
+  assert RunCheckpointer(str(tmp_path / "run"), save_every=1).latest_step() == last

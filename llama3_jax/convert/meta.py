@@ -4,7 +4,6 @@ Shards are read memory-mapped with `torch.load(..., weights_only=True)` (no arbi
 and converted tensor by tensor; torch is imported only when a checkpoint is read.
 """
 
-import json
 import os
 import pickle
 import re

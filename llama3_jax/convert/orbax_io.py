@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.convert import step_integrity
+from llama3_jax.convert.config_files import read_json_object
 from llama3_jax.model.spec import LM, ModelSpec, spec_of, tree_kind
 
 CONFIG_FILE = "llama3_jax_config.json"
@@ -138,7 +139,11 @@ def _stored(
 def _restore(stored: _Stored, mesh: Optional[Mesh], overrides: Dict) -> Tuple[ModelConfig, Dict]:
   """(config with `overrides`, params) of `stored` after checking its tree against the config:
   numpy arrays in the config's `param_dtype`, or arrays placed in their shards on `mesh`."""
-  cfg = ModelConfig.from_dict(stored.cfg_dict).replace(**overrides)
+  try:
+    cfg = ModelConfig.from_dict(stored.cfg_dict)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{stored.what} records a model config that is not valid: {e}") from None
+  cfg = cfg.replace(**overrides)
   stored.spec.check(cfg, stored.tree, stored.what)
   dtype = jnp.dtype(cfg.param_dtype)
   if mesh is None:
@@ -178,8 +183,7 @@ def _orbax_stored(path: str) -> _Stored:
   params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f"No {PARAMS_DIR}/ directory in checkpoint {path}")
-  with open(config_file) as f:
-    cfg_dict = json.load(f)
+  cfg_dict = read_json_object(config_file)
   kind = cfg_dict.pop(MODEL_KIND_KEY, None)
   return _stored(params_dir, kind, cfg_dict, f"Checkpoint {path}")
 

@@ -164,8 +164,8 @@ class RunCheckpointer:
     }
     if data_position is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_position))
+    self.wait()  # the step before is sealed (or its failure raised): `_sealing` is free
     try:
-      self._manager.wait_until_finished()  # the step before is sealed: `_sealing` is free
       self._sealing = step
       self._manager.save(step, args=ocp.args.Composite(**args), force=True)
       if not self._async:
@@ -205,7 +205,7 @@ class RunCheckpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:
-      raise self._failed(self._manager.latest_step(), e) from e
+      raise self._failed(self._sealing, e) from e
 
   def close(self) -> None:
     self._manager.close()

@@ -97,6 +97,44 @@ class TimeBreakdown:
     return f"{total:.1f}s total: {parts}; goodput {self.steps / max(total, 1e-9):.1%}"
 
 
+PROGRESS_KEY = "progress"  # in a checkpoint's run config: RunProgress.at(...)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunProgress:
+  """A run across its restarts: when it first started (epoch seconds), the productive step time
+  (seconds) of the steps up to the checkpoint resumed from, and the restarts so far. Goodput is
+  productive step time over wall time since the first start: steps retrained after a crash,
+  restarts, compiles, saves and evaluations all count against it (the paper's "effective training
+  time")."""
+
+  started: float
+  productive_s: float = 0.0
+  restarts: int = 0
+
+  @classmethod
+  def resumed(cls, saved: Optional[Dict]) -> "RunProgress":
+    if not saved:
+      return cls(started=time.time())
+    return cls(float(saved["started"]), float(saved["productive_s"]), int(saved["restarts"]) + 1)
+
+  def at(self, session_steps_s: float) -> Dict:
+    """To save with a checkpoint, after `session_steps_s` productive seconds in this session."""
+    return dict(
+      started=self.started, productive_s=self.productive_s + session_steps_s, restarts=self.restarts
+    )
+
+  def goodput(self, session_steps_s: float) -> float:
+    return (self.productive_s + session_steps_s) / max(time.time() - self.started, 1e-9)
+
+  def summary(self, session_steps_s: float) -> str:
+    return (
+      f"Goodput over the whole run ({self.restarts} restarts, "
+      f"{(time.time() - self.started) / 60:.1f} min since its start): "
+      f"{self.goodput(session_steps_s):.1%}"
+    )
+
+
 @dataclasses.dataclass
 class FitResult:
   """The final state; the records of the start (step and, with `eval_at_start`, held-out
@@ -176,6 +214,13 @@ def _scalar(value):
   return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
+def _json_safe(record: Dict) -> Dict:
+  """`record` with NaN and infinite numbers as null (JSON has no NaN)."""
+  return {
+    k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+  }
+
+
 def _entry(tree: Dict, dotted: str):
   """`tree["a"]["b"]` for "a.b" (None where absent)."""
   for key in dotted.split("."):
@@ -215,17 +260,18 @@ def _restore(checkpointer: RunCheckpointer, step: int, task: Task, policy, abstr
     for _ in range(step):
       next(batches)
   logging.info("Resumed from step %d in %s", step, checkpointer.directory)
-  return state
+  return state, stored
 
 
 def _resume(checkpointer: RunCheckpointer, task: Task, policy, abstract, batches):
-  """(step, state) of the newest step that is intact and restores undamaged (`_restore`), or
-  (0, None) when the directory holds no step. Newer steps that fail are named and set aside; a
-  directory whose every step fails is a ValueError naming each (nothing is set aside)."""
+  """(step, state, its run config) of the newest step that is intact and restores undamaged
+  (`_restore`), or (0, None, None) when the directory holds no step. Newer steps that fail are
+  named and set aside; a directory whose every step fails is a ValueError naming each (nothing is
+  set aside)."""
   damaged = {}
   while (step := checkpointer.intact_step(exclude=tuple(damaged))) is not None:
     try:
-      state = _restore(checkpointer, step, task, policy, abstract, batches)
+      state, stored = _restore(checkpointer, step, task, policy, abstract, batches)
     except DamagedStep as e:
       logging.warning("Step %d in %s is damaged: %s", step, checkpointer.directory, e)
       damaged[step] = str(e)
@@ -239,14 +285,14 @@ def _resume(checkpointer: RunCheckpointer, task: Task, policy, abstract, batches
         describe(checkpointer.rejected),
       )
       checkpointer.set_aside(newer_than=step)
-    return step, state
+    return step, state, stored
   failed = {**checkpointer.rejected, **damaged}
   if failed:
     raise ValueError(
       f"No step in {checkpointer.directory} can be resumed ({describe(failed)}); move them "
       "away to start afresh"
     )
-  return 0, None
+  return 0, None, None
 
 
 def fit(
@@ -280,11 +326,14 @@ def fit(
 def _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics_file):
   """`fit` once the checkpoint directory (if any) is claimed."""
   started, times = time.perf_counter(), TimeBreakdown()
-  step, state = (
-    _resume(checkpointer, task, policy, abstract_state, batches) if checkpointer else (0, None)
+  step, state, stored = (
+    _resume(checkpointer, task, policy, abstract_state, batches)
+    if checkpointer
+    else (0, None, None)
   )
   if state is None:
     state = init_state()
+  progress = RunProgress.resumed((stored or {}).get(PROGRESS_KEY))
   positioned = hasattr(batches, "get_state")
 
   def evaluate(record):
@@ -304,10 +353,10 @@ def _train(task, batches, policy, init_state, abstract_state, checkpointer, metr
   if policy.eval_at_start and task.evaluate:
     evaluate(first)
   logging.info("Training from step %d to %d", step, policy.steps)
-  stop, throughput, upcoming = StopRequest(), _Throughput(), None
+  stop, throughput, upcoming, stopping = StopRequest(), _Throughput(), None, False
   metrics_out = open(metrics_file, "a") if metrics_file and jax.process_index() == 0 else None
   try:
-    while step < policy.steps and not stop.requested:
+    while step < policy.steps and not stopping:
       batch, placed, position = upcoming or draw()
       shape, flops = task.size(batch)
       shape, flops = (shape[0] * jax.process_count(), *shape[1:]), flops * jax.process_count()
@@ -320,6 +369,7 @@ def _train(task, batches, policy, init_state, abstract_state, checkpointer, metr
       last = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
       last["batch_shape"] = list(shape)
       last.update(throughput.record(policy.steps - step, policy.peak_tflops_per_device))
+      last["run_goodput"] = progress.goodput(times.steps)
       last.update(task.extras())
       if last["skipped"]:
         logging.warning("Step %d: non-finite loss or gradient, update skipped", step)
@@ -328,17 +378,18 @@ def _train(task, batches, policy, init_state, abstract_state, checkpointer, metr
             f"{policy.max_nonfinite_steps} consecutive steps had a NaN/Inf loss or gradient "
             f"(last loss {last.get('loss')}); stopping at step {step}"
           )
-      stopping = stop.requested  # a signal: save first, then only what was due
+      stopping = stop.agreed()  # a signal: save first, then only what was due
       if checkpointer and (stopping or checkpointer.should_save(step) or step == policy.steps):
         t = time.perf_counter()
         stored = dict(task.run_config, process_count=jax.process_count())
+        stored[PROGRESS_KEY] = progress.at(times.steps)
         checkpointer.save(step, state, position, stored)
         times.checkpointing += time.perf_counter() - t
       evaluated = task.evaluate is not None and policy.evaluates_at(step)
       if evaluated:
         evaluate(last)
       if metrics_out:
-        metrics_out.write(json.dumps(last) + "\n")
+        metrics_out.write(json.dumps(_json_safe(last)) + "\n")
         metrics_out.flush()
       if step % policy.log_every == 0 or step == policy.steps or evaluated or stopping:
         logging.info("%s", _progress_line(last, policy.steps, task.shown))
@@ -351,4 +402,5 @@ def _train(task, batches, policy, init_state, abstract_state, checkpointer, metr
       checkpointer.wait()
       times.checkpointing += time.perf_counter() - t
   logging.info("Time: %s", times.summary(time.perf_counter() - started))
+  logging.info("%s", progress.summary(times.steps))
   return FitResult(state, first, last, times, stop.signum if step < policy.steps else None)

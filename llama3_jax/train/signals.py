@@ -5,7 +5,10 @@ number after its save, as a shell reports a process ended by that signal."""
 import signal
 from typing import Optional
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -30,6 +33,18 @@ class StopRequest:
     logging.warning("%s: saving a checkpoint and stopping after this step", name)
     if self.signum is None:
       self.signum = signum
+
+  def agreed(self) -> bool:
+    """Whether any process has a request, every process calling this at the same step (one
+    all-gather of the signal numbers when there are several), so that all save and stop at the
+    same step; a process without a signal of its own takes the first process's."""
+    if jax.process_count() == 1:
+      return self.requested
+    signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    first = next((int(s) for s in np.ravel(signums) if s), None)
+    if self.signum is None:
+      self.signum = first
+    return first is not None
 
   def restore(self) -> None:
     for s, previous in self._previous.items():
