@@ -56,6 +56,9 @@ def main(argv):
   cfg = l3.get_config(
     FLAGS.config, param_dtype="float32", **cli.model_overrides("attention_impl", "dtype", "remat")
   )
+  if FLAGS.seq_len > cfg.max_seq_len:  # planning a longer context than the preset's
+    print(f"max_seq_len raised from {cfg.max_seq_len} to --seq_len {FLAGS.seq_len}")
+    cfg = cfg.replace(max_seq_len=FLAGS.seq_len)
   run = RunConfig(
     model=cfg,
     mesh=cli.mesh_config().resolved(n_devices),

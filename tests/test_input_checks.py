@@ -1,6 +1,6 @@
 """Inputs a user gets wrong are refused by name: sampling parameters that are not finite or not
 whole (a NaN temperature used to emit token 0 forever with rc 0), token ids that are not integers
-(they were truncated), mesh degrees that are not numbers; every binary prints a user's mistake as
+(they were truncated), rows longer than the model's context, mesh degrees that are not numbers; every binary prints a user's mistake as
 one line and exits 2."""
 
 import os
@@ -11,7 +11,8 @@ import jax
 import pytest
 
 import llama3_jax as l3
-from llama3_jax.config import MeshConfig
+from llama3_jax.config import DataConfig, MeshConfig, RunConfig
+from llama3_jax.config.data_config import parse_ramp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +35,20 @@ def test_bad_sampling_parameters_are_named(fields, named):
 def test_a_mesh_degree_that_is_not_a_number_is_named():
   with pytest.raises(ValueError, match="Bad mesh item 'fsdp=abc': the degree 'abc' is not a whole"):
     MeshConfig.parse("fsdp=abc")
+
+
+def test_rows_longer_than_the_model_are_refused():
+  model = l3.get_config("tiny")  # max_seq_len 2048
+  RunConfig(model=model, data=DataConfig(seq_len=2048))
+  with pytest.raises(
+    ValueError, match="rows of 4096 tokens .* exceed the model's max_seq_len 2048"
+  ):
+    RunConfig(model=model, data=DataConfig(seq_len=4096))
+  ramp = DataConfig(seq_len=512, ramp=parse_ramp("1e6:8x100000"))
+  with pytest.raises(
+    ValueError, match="rows of 100000 tokens \\(data.seq_len of the stage from token 1000000\\)"
+  ):
+    RunConfig(model=model, data=ramp)
 
 
 def test_token_ids_that_are_not_integers_are_refused_not_truncated():

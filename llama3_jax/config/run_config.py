@@ -37,6 +37,15 @@ class RunConfig(ConfigBase):
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
 
+  def __post_init__(self):
+    for stage in self.data.stages:
+      if stage.seq_len > self.model.max_seq_len:
+        raise ValueError(
+          f"RunConfig: rows of {stage.seq_len} tokens (data.seq_len of the stage from token "
+          f"{stage.start_tokens}) exceed the model's max_seq_len {self.model.max_seq_len}; "
+          "shorten them or raise ModelConfig.max_seq_len"
+        )
+
   @classmethod
   def _from_fields(cls, fields: dict) -> dict:
     parts = dict(
