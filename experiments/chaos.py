@@ -46,7 +46,8 @@ class _Job:
   """pretrain.py running on `directory`, its stderr going to the file `log`."""
 
   def __init__(self, directory: str, metrics: str, log: str, limit_file_bytes: int = 0):
-    self.directory, self.log = directory, log
+    self.directory, self.metrics, self.log = directory, metrics, log
+    self.records_at_start, self.started = len(_records(metrics)), time.time()
     with open(log, "w") as stderr:
       self.process = _start(directory, metrics, stderr, limit_file_bytes)
 
@@ -58,16 +59,23 @@ class _Job:
     try:
       self.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-      saving = os.path.isdir(self.directory) and any(
-        "orbax-checkpoint-tmp" in name for name in os.listdir(self.directory)
-      )
+      saving = self._saving()
       self.process.send_signal(signal.SIGKILL)
       self.process.wait()
-      with open(self.log) as f:
-        training = "Training from step" in f.read()
-      self.killed_during = "save" if saving else "steps" if training else "start-up"
+      stepped = len(_records(self.metrics)) > self.records_at_start
+      self.killed_during = "save" if saving else "steps" if stepped else "start-up"
     with open(self.log) as f:
       return f.read()
+
+  def _saving(self) -> bool:
+    """Whether this job is writing a step: a temporary step directory touched since it started."""
+    if not os.path.isdir(self.directory):
+      return False
+    return any(
+      "orbax-checkpoint-tmp" in name
+      and os.path.getmtime(os.path.join(self.directory, name)) >= self.started
+      for name in os.listdir(self.directory)
+    )
 
   @property
   def returncode(self) -> int:
@@ -186,7 +194,7 @@ def main(argv):
     killing = kills < _KILLS.value
     job = _Job(directory, metrics, os.path.join(work, f"run-{runs}.log"))
     runs += 1
-    delay = rng.uniform(0.3 * straight["startup_s"], window) if killing else None
+    delay = rng.uniform(0.1, window) if killing else None
     stderr = job.wait(timeout=delay)
     resumed = re.search(r"Training from step (\d+)", stderr)
     if pending and resumed:  # the first run to get past resuming since the damage
