@@ -27,7 +27,7 @@ import time
 import cli
 from absl import flags
 
-from llama3_jax.convert.step_integrity import MANIFEST_FILE, step_numbers
+from llama3_jax.convert.step_integrity import MANIFEST_FILE, UNDIGESTED, step_numbers
 
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Where the runs go (default: a new temp dir).")
 _KILLS = flags.DEFINE_integer("kills", 20, "SIGKILLs to inject.")
@@ -123,7 +123,13 @@ def _records(metrics: str) -> list:
 
 def _damage(step_dir: str, how: str, rng: random.Random) -> str:
   """Damages the step at `step_dir` the way `how` names; says what was done."""
-  files = sorted(os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names)
+  files = sorted(  # the files a step's manifest covers (Orbax rewrites UNDIGESTED itself)
+    os.path.join(root, name)
+    for root, _, names in os.walk(step_dir)
+    for name in names
+    if os.path.relpath(os.path.join(root, name), step_dir) not in UNDIGESTED
+    and os.path.getsize(os.path.join(root, name))
+  )
   target = rng.choice(files)
   relative = os.path.relpath(target, step_dir)
   if how == "flip":

@@ -436,6 +436,8 @@ def run(main) -> None:
     try:
       return main(argv)
     except (CheckpointSaveError, *USER_ERRORS) as e:
+      if isinstance(e, (TimeoutError, ConnectionError)):  # the job's, not the user's: traceback
+        raise
       logging.vlog(1, "Traceback of the error below", exc_info=True)
       status = 1 if isinstance(e, CheckpointSaveError) else USAGE_EXIT
       _fail(str(e) or type(e).__name__, status)

@@ -1,5 +1,6 @@
 """Run checkpoints: an interrupted save never hides the last good one; only the newest are kept;
-their params read back as a model checkpoint, on the host or in shards."""
+their params read back as a model checkpoint, on the host or in shards; a step saved before
+manifests is read unverified."""
 
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig, OptimizerConfig
 from llama3_jax.convert.orbax_io import load_run_checkpoint
+from llama3_jax.convert.step_integrity import MANIFEST_FILE
 from llama3_jax.parallel import make_mesh, param_shardings
 from llama3_jax.train import (
   RunCheckpointer,
@@ -82,3 +84,19 @@ def test_load_checkpoint_reads_the_params_of_a_run_step_on_the_host_or_in_shards
   shutil.rmtree(tmp_path / "2" / "state")
   with pytest.raises(FileNotFoundError, match="no training-run checkpoint"):
     load_run_checkpoint(str(tmp_path / "2"))
+
+
+def test_a_step_saved_before_manifests_is_read_unverified_one_after_is_not(tmp_path):
+  state, _ = _state()
+  progress = {"started": 0.0, "productive_s": 0.0, "restarts": 0}
+  checkpointer = RunCheckpointer(str(tmp_path), save_every=1)
+  checkpointer.save(1, state, None, {"model": CFG.to_dict()})  # as older runs saved it
+  checkpointer.save(2, state, None, {"model": CFG.to_dict(), "progress": progress})
+  checkpointer.close()
+  for step in ("1", "2"):
+    os.remove(tmp_path / step / MANIFEST_FILE)
+  cfg, _ = l3.load_checkpoint(str(tmp_path / "1"))
+  assert cfg == CFG
+  with pytest.raises(ValueError, match=f"{tmp_path / '2'} is not intact: no {MANIFEST_FILE}"):
+    l3.load_checkpoint(str(tmp_path / "2"))
+  assert l3.load_checkpoint(str(tmp_path))[0] == CFG  # the run directory: falls back to step 1

@@ -1,10 +1,11 @@
 """Two processes on localhost (CPU collectives over gloo), 4 fake devices each, train one fsdp=8
 mesh through `experiments/pretrain.py`: their losses equal a one-process 8-device run on the same
 global batches, and the checkpoint they wrote together restores in one process; a SIGTERM that
-reaches one process stops both at the same step, saved."""
+reaches one process stops both at the same step, saved; a damaged step is judged once for both."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,3 +159,21 @@ def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path):
   assert 2 <= last < 500
   assert f"Stopped by SIGTERM after step {last}" in logs[0]
   assert RunCheckpointer(str(tmp_path / "run"), save_every=1).latest_step() == last
+
+
+def test_both_processes_take_one_decision_on_a_damaged_checkpoint(two_process_run, tmp_path):
+  shutil.copytree(two_process_run[0] / "run", tmp_path / "run")
+  step_dir = tmp_path / "run" / str(STEPS)
+  target = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(target, "r+b") as f:
+    f.seek(128)
+    f.write(b"\xff" * 64)
+  coordinator = f"--coordinator_address=localhost:{_free_port()}"
+  jobs = [
+    _pretrain(tmp_path, [coordinator, "--num_processes=2", f"--process_id={i}", "--steps=5"], 4)
+    for i in range(2)
+  ]
+  for job in jobs:  # process 0 judged the step; process 1 must refuse too, not train from scratch
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 2, stderr[-3000:]
+    assert f"No step in {tmp_path / 'run'} can be resumed (step {STEPS}:" in stderr

@@ -120,9 +120,10 @@ def _tensor_files(path: str) -> Dict[str, str]:
   """Tensor name -> safetensors file holding it."""
   index = os.path.join(path, INDEX_FILE)
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index} has no 'weight_map' object (tensor name -> file)")
+    return {name: os.path.join(path, str(file)) for name, file in weight_map.items()}
   files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"No .safetensors files in {path}")

@@ -61,10 +61,24 @@ def write_manifest(step_dir: str, step: int) -> None:
   os.replace(partial, os.path.join(step_dir, MANIFEST_FILE))
 
 
+def _saved_before_manifests(step_dir: str) -> bool:
+  """A run step saved before steps carried manifests: its run config (`config/metadata`, JSON)
+  lacks the `progress` entry that every step saved with a manifest records."""
+  try:
+    with open(os.path.join(step_dir, "config", "metadata")) as f:
+      return "progress" not in json.load(f)
+  except (OSError, ValueError):
+    return False
+
+
 def problem(step_dir: str) -> Optional[str]:
-  """Why the step at `step_dir` is not intact (a sentence naming the file), or None if it is."""
+  """Why the step at `step_dir` is not intact (a sentence naming the file), or None if it is. A
+  step saved before manifests existed passes unverified, with a warning."""
   manifest_path = os.path.join(step_dir, MANIFEST_FILE)
   if not os.path.isfile(manifest_path):
+    if _saved_before_manifests(step_dir):
+      logging.warning("%s was saved before manifests: read without verifying", step_dir)
+      return None
     return f"no {MANIFEST_FILE} (an incomplete save)"
   try:
     with open(manifest_path) as f:
@@ -79,7 +93,11 @@ def problem(step_dir: str) -> Optional[str]:
     if os.path.getsize(path) != size:
       return f"{name} has {os.path.getsize(path)} bytes, its manifest {size}"
   names = sorted(expected)
-  for name, digest in zip(names, _digests(step_dir, names)):
+  try:
+    digests = _digests(step_dir, names)
+  except OSError as e:
+    return f"a file cannot be read ({e})"
+  for name, digest in zip(names, digests):
     if digest != expected[name][1]:
       return f"{name} differs from its digest in {MANIFEST_FILE} (a corrupted file)"
   return None

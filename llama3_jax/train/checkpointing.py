@@ -50,6 +50,23 @@ class DamagedStep(ValueError):
   range); resume falls back to an older step."""
 
 
+def _from_process_0(value):
+  """Process 0's JSON-serialisable `value`, on every process (one broadcast of its bytes)."""
+  if jax.process_count() == 1:
+    return value
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(0 if data is None else data.size)))
+  padded = np.zeros(size, np.uint8) if data is None else data
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode())
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (an all-gather when there are several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 @jax.jit
 def _finite_leaves(tree):
   return jax.tree.map(
@@ -125,15 +142,14 @@ class RunCheckpointer:
 
   def intact_step(self, exclude: Tuple[int, ...] = ()) -> Optional[int]:
     """The newest intact step not in `exclude` (step_integrity.newest_intact, decided by process 0
-    for all), or None; newer steps that are not intact are added to `rejected`."""
-    step = -1
+    for all), or None; newer steps that are not intact are added to `rejected` on every process."""
+    decision = None
     if jax.process_index() == 0:
       found, rejected = step_integrity.newest_intact(self.directory, exclude)
-      self.rejected.update(rejected)
-      step = -1 if found is None else found
-    if jax.process_count() > 1:
-      step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
-    return None if step < 0 else step
+      decision = {"step": found, "rejected": {str(s): why for s, why in rejected.items()}}
+    decision = _from_process_0(decision)
+    self.rejected.update({int(s): why for s, why in decision["rejected"].items()})
+    return decision["step"]
 
   def set_aside(self, newer_than: int) -> None:
     """Renames the rejected steps newer than `newer_than` to `rejected-step-N` (kept for

@@ -19,7 +19,12 @@ from absl import logging
 from llama3_jax.config import ModelConfig
 from llama3_jax.config.base import ConfigBase
 from llama3_jax.convert.step_integrity import describe
-from llama3_jax.train.checkpointing import DamagedStep, RunCheckpointer, check_resumable
+from llama3_jax.train.checkpointing import (
+  DamagedStep,
+  RunCheckpointer,
+  any_process,
+  check_resumable,
+)
 from llama3_jax.train.signals import StopRequest
 from llama3_jax.train.train_state import TrainState
 
@@ -252,10 +257,13 @@ def _restore(checkpointer: RunCheckpointer, step: int, task: Task, policy, abstr
   positioned = hasattr(batches, "get_state") and not changed
   state, _ = checkpointer.restore(step, abstract, batches if positioned else None)
   if positioned and task.check_position:
+    problem = None
     try:
       task.check_position(batches.get_state(), step)
     except ValueError as e:
-      raise DamagedStep(f"its data position is out of range: {e}") from None
+      problem = f"its data position is out of range: {e}"
+    if any_process(problem is not None):  # every process falls back together
+      raise DamagedStep(problem or "the data position of another process is out of range")
   if not changed and not positioned:
     for _ in range(step):
       next(batches)

@@ -25,7 +25,16 @@ SHOWN = ("loss", "lr", "grad_norm", "eval_loss")
 # The data settings a resume must keep (CheckpointConfig.allow_data_change lifts this).
 DATA_KEYS = tuple(
   f"data.{field}"
-  for field in ("sources", "seed", "seq_len", "global_batch_size", "ramp", "held_out_fraction")
+  for field in (
+    "sources",
+    "seed",
+    "seq_len",
+    "global_batch_size",
+    "ramp",
+    "held_out_fraction",
+    "shuffle",
+    "row_shuffle_window",
+  )
 )
 # Optimizer fields that follow from --steps: a resume that changes only these (and the steps)
 # keeps the checkpoint's schedule.
