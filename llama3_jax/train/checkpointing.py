@@ -78,7 +78,7 @@ def nonfinite_entries(tree) -> list:
   """Paths ("params/layers/attention/wq") of the float arrays in `tree` holding a NaN or Inf."""
   flags = jax.device_get(_finite_leaves(tree))
   return [
-    "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    jax.tree_util.keystr(path, simple=True, separator="/")
     for path, finite in jax.tree_util.tree_flatten_with_path(flags)[0]
     if not bool(finite)
   ]
@@ -106,6 +106,7 @@ class RunCheckpointer:
     self._lock = DirectoryLock(self.directory)
     self._sealing: Optional[int] = None
     self.rejected: Dict[int, str] = {}  # steps found not intact or damaged: why
+    self._intact: Dict[Tuple[int, ...], Optional[int]] = {}  # intact_step's answers until a change
 
   def _seal(self) -> None:
     """Orbax's callback on process 0 when step `_sealing` is complete but not yet renamed: writes
@@ -143,12 +144,16 @@ class RunCheckpointer:
   def intact_step(self, exclude: Tuple[int, ...] = ()) -> Optional[int]:
     """The newest intact step not in `exclude` (step_integrity.newest_intact, decided by process 0
     for all), or None; newer steps that are not intact are added to `rejected` on every process."""
+    exclude = tuple(sorted(exclude))
+    if exclude in self._intact:  # the steps were read and hashed already
+      return self._intact[exclude]
     decision = None
     if jax.process_index() == 0:
       found, rejected = step_integrity.newest_intact(self.directory, exclude)
       decision = {"step": found, "rejected": {str(s): why for s, why in rejected.items()}}
     decision = _from_process_0(decision)
     self.rejected.update({int(s): why for s, why in decision["rejected"].items()})
+    self._intact[exclude] = decision["step"]
     return decision["step"]
 
   def set_aside(self, newer_than: int) -> None:
@@ -168,6 +173,7 @@ class RunCheckpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("llama3_jax set aside steps")
     self._manager.reload()
+    self._intact.clear()
 
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0
@@ -181,6 +187,7 @@ class RunCheckpointer:
     if data_position is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_position))
     self.wait()  # the step before is sealed (or its failure raised): `_sealing` is free
+    self._intact.clear()
     try:
       self._sealing = step
       self._manager.save(step, args=ocp.args.Composite(**args), force=True)
