@@ -9,16 +9,17 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["llama3_jax", "llama3_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.10",
-        "flax>=0.12",
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
         "optax",
-        "orbax-checkpoint",
-        "grain",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
         "tiktoken",
         "chex",
         "absl-py",
         "numpy",
         "safetensors",
+        "matplotlib",  # needle-in-a-haystack heatmaps
         # Ships Meta's real Llama 3 tokenizer.model; also the reference tokenizer and chat format.
         "llama-models",
     ],

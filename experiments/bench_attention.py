@@ -29,9 +29,8 @@ from llama3_jax.parallel.layout import Layout
 from llama3_jax.train import create_train_state, learning_rate_schedule, make_optimizer
 from llama3_jax.train.plan import GIB, compiled_plan
 
-cli.define("preset", "tiles", "memory")
+cli.define("preset", "tiles", "memory", "lengths")
 FLAGS = flags.FLAGS
-_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Row lengths.")
 _IMPLS = flags.DEFINE_list("impls", ["flash", "xla"], "Attention implementations to compare.")
 _TIME_LENGTH = flags.DEFINE_integer("time_length", 4096, "Row length of the timing (0: none).")
 _RUN_LENGTH = flags.DEFINE_integer("run_length", 0, "Run real flash train steps at this length.")
@@ -102,7 +101,7 @@ def _run_steps(length: int) -> None:
 
 def main(argv):
   del argv
-  lengths = [int(n) for n in _LENGTHS.value]
+  lengths = [int(n) for n in FLAGS.lengths.split(",") if n.strip()]
   print(
     f"{FLAGS.config}: train step temporaries per device (GiB), batch 1, loss chunk "
     f"{FLAGS.loss_chunk}, tiles {FLAGS.attention_block}"
@@ -131,4 +130,5 @@ def main(argv):
 
 if __name__ == "__main__":
   FLAGS.set_default("attention_block", 512)
+  FLAGS.set_default("lengths", "1024,2048,4096,8192,16384")
   cli.run(main)

@@ -9,7 +9,7 @@ The README's flag table is `flag_table()` (a test checks it). Every binary start
 import ctypes
 import os
 import sys
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from absl import app, flags, logging
 
@@ -92,13 +92,27 @@ _GROUPS = {
     (flags.DEFINE_integer, "global_batch_size", 8, "Rows per step, over all processes.", {}),
     (flags.DEFINE_integer, "seq_len", 128, "Tokens per row.", {}),
   ],
-  "training": [
+  "steps": [
     (flags.DEFINE_integer, "steps", 150, "Train up to this step (batches trained on).", {}),
+  ],
+  "ramp": [
+    (
+      flags.DEFINE_string,
+      "batch_ramp",
+      "",
+      "Batch-size / sequence-length ramp: START_TOKENS:ROWSxSEQ_LEN,... e.g. the paper's "
+      "'252e6:1024x8192,2.87e12:2048x8192' after --global_batch_size=1024 --seq_len=4096.",
+      {},
+    ),
+  ],
+  "training": [
     (
       flags.DEFINE_multi_string,
       "data",
       [],
-      "Data files, repeatable: PATTERN[@WEIGHT] (pretraining mixes the sources by weight).",
+      "Data, repeatable: PATTERN[@WEIGHT][:whole] (pretraining mixes the sources by weight; "
+      ":whole keeps documents that fit in a row uncut); also passkey (synthetic retrieval "
+      "documents), embedded:stdlib and embedded:packages (long documents).",
       {},
     ),
     (flags.DEFINE_float, "held_out_fraction", 0.01, "Share of rows kept out for eval.", {}),
@@ -177,14 +191,6 @@ _GROUPS = {
   ],
   "pretraining": [
     (
-      flags.DEFINE_string,
-      "batch_ramp",
-      "",
-      "Batch-size / sequence-length ramp: START_TOKENS:ROWSxSEQ_LEN,... e.g. the paper's "
-      "'252e6:1024x8192,2.87e12:2048x8192' after --global_batch_size=1024 --seq_len=4096.",
-      {},
-    ),
-    (
       flags.DEFINE_enum,
       "data_kind",
       "auto",
@@ -225,6 +231,49 @@ _GROUPS = {
       "multihost",
       False,
       "Join the job JAX finds in the environment (Cloud TPU pod slices).",
+      {},
+    ),
+  ],
+  "lengths": [
+    (
+      flags.DEFINE_string,
+      "lengths",
+      "512,1024",
+      "Context lengths in tokens, comma-separated (NIAH: prompt and answer; benchmarks: rows).",
+      {},
+    ),
+  ],
+  "niah": [
+    (
+      flags.DEFINE_string,
+      "depths",
+      "0,25,50,75,100",
+      "Needle depths, percent of the haystack.",
+      {},
+    ),
+    (
+      flags.DEFINE_string,
+      "needles",
+      "1",
+      "Needles per prompt, comma-separated counts: 1 (single needle) or more (multi-needle, 2 of "
+      "them asked; the paper's is 4).",
+      {},
+    ),
+    (flags.DEFINE_integer, "niah_samples", 4, "Prompts per length x depth, each with its own keys.", {}),
+    (
+      flags.DEFINE_string,
+      "haystack",
+      "passkey",
+      "Filler text: passkey (the pass-key test's sentences), embedded (the standard library's "
+      "sources) or a glob of text files.",
+      {},
+    ),
+    (flags.DEFINE_integer, "niah_batch_size", 4, "Prompts answered at a time.", {}),
+    (
+      flags.DEFINE_string,
+      "output_dir",
+      None,
+      "Write results.jsonl (a record per length x depth) and heatmap.png here.",
       {},
     ),
   ],
@@ -289,9 +338,10 @@ def sampling_config() -> "l3.SamplingConfig":
   return l3.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
 
 
-def optimizer_config() -> OptimizerConfig:
-  """AdamW's schedule from --lr, --warmup_steps, --decay_steps, --anneal_steps over --steps."""
-  steps = FLAGS.steps
+def optimizer_config(steps: Optional[int] = None) -> OptimizerConfig:
+  """AdamW's schedule from --lr, --warmup_steps, --decay_steps, --anneal_steps over `steps`
+  (default --steps)."""
+  steps = FLAGS.steps if steps is None else steps
   warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else min(8000, steps // 10)
   return OptimizerConfig(
     peak_lr=FLAGS.lr,
@@ -335,6 +385,8 @@ PRETRAINING_GROUPS = (
   "tiles",
   "mesh",
   "batch",
+  "steps",
+  "ramp",
   "training",
   "memory",
   "schedule",
@@ -346,38 +398,60 @@ PRETRAINING_GROUPS = (
 _KINDS = {".jsonl": "jsonl", ".array_record": "array_record", ".arrayrecord": "array_record"}
 
 
+WHOLE_SUFFIX = ":whole"
+
+
 def data_sources() -> Tuple[DataSource, ...]:
-  """--data PATTERN[@WEIGHT] entries of --data_kind (auto: by extension) reading --data_field."""
+  """--data PATTERN[@WEIGHT][:whole] entries of --data_kind (auto: `passkey` the synthetic
+  retrieval documents, `embedded:stdlib` / `embedded:packages` the embedded corpora, else by
+  extension) reading --data_field; `:whole` keeps the source's documents whole in rows."""
   sources = []
   for spec in FLAGS.data:
-    pattern, _, weight = spec.partition("@")
+    whole = spec.endswith(WHOLE_SUFFIX)
+    pattern, _, weight = spec.removesuffix(WHOLE_SUFFIX).partition("@")
     kind = FLAGS.data_kind
     if kind == "auto":
-      kind = _KINDS.get(os.path.splitext(pattern)[1], "text")
+      kind = "passkey" if pattern == "passkey" else _KINDS.get(os.path.splitext(pattern)[1], "text")
     field = FLAGS.data_field if kind in _KINDS.values() else "text"
-    sources.append(DataSource(pattern, kind, float(weight or 1.0), field))
+    try:
+      weight = float(weight or 1.0)
+    except ValueError:
+      raise ValueError(f"--data {spec!r}: the weight after @ must be a number") from None
+    sources.append(DataSource(pattern, kind, weight, field, whole_documents=whole))
   return tuple(sources)
 
 
-def run_config(model_cfg: ModelConfig) -> RunConfig:
-  """The pretraining run the flags describe, for `model_cfg` with --attention_impl / --remat."""
+def data_config(global_batch_size: int, seq_len: int, ramp=()) -> DataConfig:
+  """The --data sources (see `data_sources`), split, seed and bad-row policy, in batches of
+  `global_batch_size` rows of `seq_len` tokens, then the `ramp`'s."""
+  return DataConfig(
+    sources=data_sources(),
+    seq_len=seq_len,
+    global_batch_size=global_batch_size,
+    seed=FLAGS.seed,
+    held_out_fraction=FLAGS.held_out_fraction,
+    ramp=ramp,
+    skip_malformed=FLAGS.on_bad_row == "skip",
+  )
+
+
+def run_config(
+  model_cfg: ModelConfig, *, steps: Optional[int] = None, data: Optional[DataConfig] = None
+) -> RunConfig:
+  """The pretraining run the flags describe, for `model_cfg` with --attention_impl / --remat,
+  of `steps` (default --steps) on `data` (default: --global_batch_size, --seq_len, --batch_ramp)."""
+  steps = FLAGS.steps if steps is None else steps
+  if data is None:
+    data = data_config(FLAGS.global_batch_size, FLAGS.seq_len, parse_ramp(FLAGS.batch_ramp))
   return RunConfig(
     model=model_cfg.replace(
       **model_overrides("attention_impl", "attention_block", "dtype", "remat")
     ),
     mesh=mesh_config(),
-    optimizer=optimizer_config(),
-    data=DataConfig(
-      sources=data_sources(),
-      seq_len=FLAGS.seq_len,
-      global_batch_size=FLAGS.global_batch_size,
-      seed=FLAGS.seed,
-      held_out_fraction=FLAGS.held_out_fraction,
-      ramp=parse_ramp(FLAGS.batch_ramp),
-      skip_malformed=FLAGS.on_bad_row == "skip",
-    ),
+    optimizer=optimizer_config(steps),
+    data=data,
     train=TrainConfig(
-      steps=FLAGS.steps,
+      steps=steps,
       micro_batches=FLAGS.micro_batches,
       pipeline_micro_batches=FLAGS.pipeline_micro_batches,
       pipeline_interleave=FLAGS.pipeline_interleave,

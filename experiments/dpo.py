@@ -22,7 +22,7 @@ from llama3_jax.config import DPOConfig
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, with_reference_logps
 from llama3_jax.posttrain.trainer import with_values
 
-cli.define("checkpoint", "preset", "model", "mesh", "batch", "training", "output")
+cli.define("checkpoint", "preset", "model", "mesh", "batch", "steps", "training", "output")
 cli.required("data")
 FLAGS = flags.FLAGS
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO beta.")

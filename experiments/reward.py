@@ -22,7 +22,7 @@ from llama3_jax.parallel import make_mesh
 from llama3_jax.posttrain.reward import preference_rows, reward_loss
 from llama3_jax.posttrain.trainer import with_values
 
-cli.define("checkpoint", "preset", "model", "mesh", "batch", "training", "output")
+cli.define("checkpoint", "preset", "model", "mesh", "batch", "steps", "training", "output")
 cli.required("data")
 FLAGS = flags.FLAGS
 

@@ -13,5 +13,10 @@ from llama3_jax.config.optimizer_config import OptimizerConfig
 from llama3_jax.config.train_config import TrainConfig
 from llama3_jax.config.data_config import BatchStage, DataConfig, DataSource, parse_ramp
 from llama3_jax.config.run_config import CheckpointConfig, RunConfig
+from llama3_jax.config.long_context_config import (
+  PAPER_LONG_CONTEXT,
+  LongContextConfig,
+  LongContextStage,
+)
 from llama3_jax.config.sampling_config import SamplingConfig
 from llama3_jax.config.dpo_config import DPOConfig

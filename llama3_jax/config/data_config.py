@@ -6,7 +6,7 @@ from typing import Optional
 
 from llama3_jax.config.base import ConfigBase
 
-SOURCE_KINDS = ("text", "jsonl", "array_record", "chat")
+SOURCE_KINDS = ("text", "jsonl", "array_record", "chat", "passkey")
 MAX_SEED = 2**32 - 1
 
 
@@ -18,13 +18,19 @@ class DataSource:
   "array_record": one document per record, a JSON object holding `field`, or plain UTF-8 text
   when `field` is "". "chat": one dialog per line, {"messages": [...]} (data/chat.py), encoded
   with the chat format, the loss on the assistant's tokens only (SFT); `field` is unused.
-  `weight` is the source's share of training tokens relative to the others.
+  "passkey": synthetic retrieval documents (data/passkey.py), `path_pattern` only names them.
+  The patterns `embedded:stdlib` and `embedded:packages` (kind "text") name the embedded corpora
+  (data/corpus.py). `weight` is the source's share of training tokens relative to the others.
+  `whole_documents`: a document that fits in a row is never cut at a row's end (it starts the next
+  row instead, the rest of the row padded); longer ones start a row and are cut at row ends.
+  Pass-key documents are always kept whole.
   """
 
   path_pattern: str
   kind: str
   weight: float = 1.0
   field: str = "text"
+  whole_documents: bool = False
 
   def __post_init__(self):
     if not isinstance(self.path_pattern, str) or not self.path_pattern:
@@ -41,6 +47,8 @@ class DataSource:
       raise ValueError(f"DataSource.weight must be a finite number > 0, got {self.weight!r}")
     if not isinstance(self.field, str):
       raise ValueError(f"DataSource.field must be a string, got {self.field!r}")
+    if not isinstance(self.whole_documents, bool):
+      raise ValueError(f"DataSource.whole_documents must be a bool, got {self.whole_documents!r}")
     if self.kind == "jsonl" and not self.field:
       raise ValueError(
         f"DataSource.field must name the JSON text field of jsonl {self.path_pattern!r}"
@@ -94,7 +102,8 @@ def parse_ramp(spec: str) -> tuple[BatchStage, ...]:
 class DataConfig(ConfigBase):
   """Pretraining data: which documents, how they are mixed, and the packed rows they become.
 
-  `sources` empty means the embedded corpus (the standard library's Python sources). Rows hold
+  `sources` empty means the embedded corpus `embedded:stdlib` (the standard library's Python
+  sources, one document per file). Rows hold
   `seq_len + 1` tokens (inputs are row[:-1], targets row[1:]); each step takes `global_batch_size`
   rows over all processes. `held_out_fraction` of each source's documents (a fixed, seed-independent
   choice) form the "eval" split and never appear in "train". `num_epochs` None repeats the training

@@ -4,14 +4,19 @@ Documents are laid end to end. A document that does not fit in the rest of a row
 next row, which starts again at the document's last token so far (its positions continue from
 there): with targets = row[1:], every next-token pair inside a document is a target exactly once
 and no pair crosses a row or a document. Only the last row of finite data is padded
-(tokens `pad_id`, segment id 0, position 0). grain's ConcatThenSplitIterDataset restarts positions
-at 0 in a continued document, hence this small iterator.
+(tokens `pad_id`, segment id 0, position 0). A document marked whole (its dict holds WHOLE: True,
+see DataSource.whole_documents) that does not fit in the rest of a row starts the next row instead,
+the rest of the row padded; one longer than a row starts a row and is then cut as any other.
+grain's ConcatThenSplitIterDataset restarts positions at 0 in a continued document, hence this
+small iterator.
 """
 
 from typing import Any, Mapping, Optional
 
 import grain
 import numpy as np
+
+WHOLE = "whole"  # key of a document dict: keep the document in one row when it fits
 
 
 class PackIterDataset(grain.IterDataset):
@@ -63,6 +68,7 @@ class PackDatasetIterator(grain.DatasetIterator):
     self._doc = None  # the document the next row starts with, if already read
     self._doc_state = None  # the parent's state before `_doc`
     self._offset = 0
+    self._whole = False  # whether `_doc` is to be kept whole
 
   def _next_doc(self) -> bool:
     """Reads the next non-empty document; False at the end of the data."""
@@ -72,7 +78,8 @@ class PackDatasetIterator(grain.DatasetIterator):
         doc = next(self._parent)
       except StopIteration:
         return False
-      doc = doc if isinstance(doc, Mapping) else {"tokens": doc}
+      doc = dict(doc) if isinstance(doc, Mapping) else {"tokens": doc}
+      self._whole = bool(doc.pop(WHOLE, False))
       if len(doc["tokens"]):
         self._doc, self._doc_state, self._offset = doc, state, 0
         return True
@@ -89,6 +96,8 @@ class PackDatasetIterator(grain.DatasetIterator):
           for k in self._doc
         }
       size = len(self._doc["tokens"])
+      if self._whole and filled and size - self._offset > self._length - filled:
+        break  # a whole document starts the next row
       take = min(self._length - filled, size - self._offset)
       end = self._offset + take
       segment += 1

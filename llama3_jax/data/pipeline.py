@@ -14,9 +14,10 @@ from absl import logging
 
 from llama3_jax.config.data_config import DataConfig
 from llama3_jax.data.chat import parse_sft_row, sft_example
-from llama3_jax.data.corpus import embedded_corpus
-from llama3_jax.data.packing import PackIterDataset
-from llama3_jax.data.ramp import RampDatasetIterator
+from llama3_jax.data.corpus import EMBEDDED, embedded_corpus
+from llama3_jax.data.packing import WHOLE, PackIterDataset
+from llama3_jax.data.passkey import PASSKEY_KIND, PasskeyDocuments
+from llama3_jax.data.ramp import RampDatasetIterator, tokens_after
 from llama3_jax.data.sources import DocumentSource, MalformedCounter, open_source
 from llama3_jax.tokenizer.chat_format import ChatFormat
 
@@ -162,6 +163,22 @@ def _encode_dialog(source: DocumentSource, chat: ChatFormat, index: int) -> dict
   return {"tokens": tokens, "targets": targets.astype(np.int32)}
 
 
+def _kept_whole(doc) -> dict:
+  """The document marked for the packer to keep in one row (packing.py)."""
+  return {**(doc if isinstance(doc, dict) else {"tokens": doc}), WHOLE: True}
+
+
+def _open(source, data_cfg: DataConfig, tokenizer: Any, **kwargs) -> DocumentSource:
+  """The documents of a DataSource: an embedded corpus, pass-key documents as long as the longest
+  row, or files."""
+  if source.kind == PASSKEY_KIND:
+    max_tokens = max(stage.seq_len for stage in data_cfg.stages) + 1
+    return PasskeyDocuments(tokenizer, max_tokens, name=source.path_pattern, **kwargs)
+  if source.path_pattern in EMBEDDED:
+    return EMBEDDED[source.path_pattern](**kwargs)
+  return open_source(source, **kwargs)
+
+
 def num_tokens(doc) -> int:
   """Tokens in a document: a token array, or a dict of per-token arrays."""
   return len(doc["tokens"]) if isinstance(doc, dict) else len(doc)
@@ -189,10 +206,13 @@ def _documents(
     if data_cfg.shuffle:
       ds = ds.shuffle(seed=_seed(data_cfg.seed, 0, source_index))
     ds = ds.repeat(data_cfg.num_epochs)
-  if data_cfg.sources and data_cfg.sources[source_index].kind == "chat":
+  spec = data_cfg.sources[source_index] if data_cfg.sources else None
+  if spec and spec.kind == "chat":
     ds = ds.map(functools.partial(_encode_dialog, source, ChatFormat(tokenizer)))
   else:
     ds = ds.map(functools.partial(_tokenize, source, tokenizer))
+  if spec and (spec.whole_documents or spec.kind == PASSKEY_KIND):
+    ds = ds.map(_kept_whole)
   read_options = grain.ReadOptions(
     num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size
   )
@@ -263,7 +283,7 @@ def _mixed_documents(
   """Token arrays of this split and process from every source, mixed by token weight."""
   kwargs = dict(skip_malformed=data_cfg.skip_malformed, counter=counter)
   if data_cfg.sources:
-    sources = [open_source(s, **kwargs) for s in data_cfg.sources]
+    sources = [_open(s, data_cfg, tokenizer, **kwargs) for s in data_cfg.sources]
     weights = [s.weight for s in data_cfg.sources]
   else:
     sources, weights = [embedded_corpus(**kwargs)], [1.0]
@@ -288,21 +308,6 @@ def _mixed_documents(
     names,
   )
   return MixIterDataset(streams, weights, names=names, epoch_sizes=sizes)
-
-
-def _ramp_tokens(stages, steps: int) -> int:
-  """Global training tokens read after `steps` batches of the ramp `stages` (RampDatasetIterator):
-  each batch is of the last stage whose start the tokens read before it have reached."""
-  tokens = 0
-  for i, stage in enumerate(stages):
-    if not steps:
-      break
-    end = stages[i + 1].start_tokens if i + 1 < len(stages) else None
-    taken = (
-      steps if end is None else min(steps, max(0, -(-(end - tokens) // stage.tokens_per_batch)))
-    )
-    tokens, steps = tokens + taken * stage.tokens_per_batch, steps - taken
-  return tokens
 
 
 def check_position(state: dict, steps: int, data_cfg: DataConfig, process_count: int = 1) -> None:
@@ -338,7 +343,7 @@ def check_position(state: dict, steps: int, data_cfg: DataConfig, process_count:
 
   walk(state, "")
   tokens = state.get("tokens")
-  if data_cfg.ramp and not (isinstance(tokens, int) and tokens <= _ramp_tokens(stages, steps)):
+  if data_cfg.ramp and not (isinstance(tokens, int) and tokens <= tokens_after(stages, steps)):
     raise ValueError(
-      f"tokens is {tokens!r}; {steps} steps of this ramp read at most {_ramp_tokens(stages, steps)}"
+      f"tokens is {tokens!r}; {steps} steps of this ramp read at most {tokens_after(stages, steps)}"
     )

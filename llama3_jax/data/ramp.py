@@ -19,6 +19,27 @@ from llama3_jax.data.packing import PackDatasetIterator
 StageBuilder = Callable[[int, Optional[dict]], grain.DatasetIterator]
 
 
+def tokens_after(stages: Sequence[BatchStage], steps: int) -> int:
+  """Global training tokens read after `steps` batches of the ramp `stages` (RampDatasetIterator):
+  each batch is of the last stage whose start the tokens read before it have reached."""
+  tokens = 0
+  for i, stage in enumerate(stages):
+    if not steps:
+      break
+    end = stages[i + 1].start_tokens if i + 1 < len(stages) else None
+    taken = (
+      steps if end is None else min(steps, max(0, -(-(end - tokens) // stage.tokens_per_batch)))
+    )
+    tokens, steps = tokens + taken * stage.tokens_per_batch, steps - taken
+  return tokens
+
+
+def stage_of_step(stages: Sequence[BatchStage], step: int) -> int:
+  """Index of the stage whose shape the batch of `step` (1-based) has."""
+  tokens = tokens_after(stages, step - 1)
+  return max(i for i, s in enumerate(stages) if s.start_tokens <= tokens)
+
+
 def _packer(batches: grain.DatasetIterator) -> PackDatasetIterator:
   """The packer inside a stage's iterator chain."""
   pending = [batches]

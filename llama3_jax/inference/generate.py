@@ -53,9 +53,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarr
   return tokens, lengths
 
 
-def padded_length(longest: int, limit: int) -> int:
-  """The next power of two >= `longest` (at least 16), at most `limit`: few distinct compiles."""
-  return min(max(16, 1 << (longest - 1).bit_length()), limit)
+def padded_length(longest: int, limit: int, multiple: int = 16) -> int:
+  """Prompt slots for a longest prompt of `longest` tokens (few distinct compiles): the next power
+  of two (at least 16) when at most `limit`, else the next multiple of `multiple` (e.g. what
+  context parallelism splits) when at most `limit`, else `longest`."""
+  power = max(16, 1 << (longest - 1).bit_length())
+  if power <= limit:
+    return power
+  rounded = -(-longest // multiple) * multiple
+  return rounded if rounded <= limit else longest
 
 
 def prefill(
@@ -189,9 +195,8 @@ def generate(
       f"Longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
       f"model's max_seq_len {cfg.max_seq_len}"
     )
-  tokens, lengths = pad_prompts(
-    prompts, padded_length(longest, limit=cfg.max_seq_len - max_new_tokens + 1)
-  )
+  limit = cfg.max_seq_len - max_new_tokens + 1
+  tokens, lengths = pad_prompts(prompts, padded_length(longest, limit, 16 * context_degree))
   stops = sorted(set(check_token_ids(list(stop_ids), "stop_ids", cfg.vocab_size).tolist()))
   out = np.asarray(
     generate_tokens(

@@ -109,7 +109,10 @@ def rejection_sample(
   tokenizer = chat.tokenizer
   prompt_ids = chat.encode_dialog_prompt(prompt)
   limit = cfg.max_seq_len - max_new_tokens + 1
-  tokens, lengths = pad_prompts([prompt_ids], padded_length(len(prompt_ids), limit))
+  context_degree = layout.context_degree if layout else 1
+  tokens, lengths = pad_prompts(
+    [prompt_ids], padded_length(len(prompt_ids), limit, 16 * context_degree)
+  )
   stops = tuple(sorted(tokenizer.stop_ids))
   rows = sample_from_one_prefill(
     params,
@@ -121,7 +124,7 @@ def rejection_sample(
     max_new_tokens=max_new_tokens,
     sampling=sampling,
     stop_ids=stops,
-    context_degree=layout.context_degree if layout else 1,
+    context_degree=context_degree,
   )
   responses = [_response_ids(row, stops, tokenizer.eot_id) for row in np.asarray(rows)]
   shards = layout.batch_degree if layout else 1

@@ -13,6 +13,7 @@ from llama3_jax.config import OptimizerConfig, RunConfig
 from llama3_jax.convert.orbax_io import MODEL_KIND_KEY
 from llama3_jax.data import MalformedCounter, make_pipeline
 from llama3_jax.data.pipeline import check_position
+from llama3_jax.data.ramp import stage_of_step
 from llama3_jax.parallel import mesh_context
 from llama3_jax.parallel.layout import Layout
 from llama3_jax.train.checkpointing import RunCheckpointer
@@ -108,10 +109,10 @@ def pretraining_task(
   )
 
 
-def _fit_policy(run: RunConfig) -> FitPolicy:
+def _fit_policy(run: RunConfig, until: int) -> FitPolicy:
   train_cfg = run.train
   return FitPolicy(
-    steps=train_cfg.steps,
+    steps=until,
     eval_every=train_cfg.eval_every,
     log_every=train_cfg.log_every,
     max_nonfinite_steps=train_cfg.max_nonfinite_steps,
@@ -154,14 +155,33 @@ def train_run(
   init_params: Optional[Dict] = None,
   metrics_file: Optional[str] = None,
   batches: Optional[Iterator[Dict]] = None,
+  until: Optional[int] = None,
 ) -> FitResult:
-  """Trains up to `run.train.steps`, resuming from the newest checkpoint in
-  `run.checkpoint.directory` if there is one, else from `init_params` (host arrays, e.g. a
-  converted checkpoint) or a random init. `batches` replaces the run's training data (a grain
-  iterator of it by default; one with `get_state` has its position saved)."""
+  """Trains up to step `until` (default: the run's last, `run.train.steps`), resuming from the
+  newest checkpoint in `run.checkpoint.directory` if there is one, else from `init_params` (host
+  arrays, e.g. a converted checkpoint) or a random init. The learning-rate schedule spans
+  `run.train.steps` whatever `until` is, so a run trained in parts (the long-context stages,
+  each on a mesh of its own) is the run trained at once. The ramp stages that the steps to
+  `until` reach must fit the mesh. `batches` replaces the run's training data (a grain iterator
+  of it by default; one with `get_state` has its position saved)."""
+  until = run.train.steps if until is None else until
+  if not 1 <= until <= run.train.steps:
+    raise ValueError(f"until={until} is not a step of this run of {run.train.steps} steps")
   layout = Layout.build(run.model, run.mesh, run.train)  # logs the degrees and pipeline schedule
   layout.check_layers()
-  for stage in run.data.stages:
+  checkpointer, stored, latest = None, None, None
+  if run.checkpoint.directory:
+    settings = run.checkpoint
+    checkpointer = RunCheckpointer(
+      settings.directory, settings.save_every, settings.keep, settings.async_save
+    )
+    latest = checkpointer.intact_step()
+    stored = None if latest is None else checkpointer.stored_config(latest)
+  stages = run.data.stages
+  reached = range(
+    stage_of_step(stages, min(until, (latest or 0) + 1)), stage_of_step(stages, until) + 1
+  )
+  for stage in (stages[i] for i in reached):
     layout.check_batch(
       stage.global_batch_size, stage.seq_len, where=f"the stage from token {stage.start_tokens}"
     )
@@ -175,14 +195,6 @@ def train_run(
       process_count=jax.process_count(),
       counter=malformed,
     )
-  checkpointer, stored = None, None
-  if run.checkpoint.directory:
-    settings = run.checkpoint
-    checkpointer = RunCheckpointer(
-      settings.directory, settings.save_every, settings.keep, settings.async_save
-    )
-    latest = checkpointer.intact_step()
-    stored = None if latest is None else checkpointer.stored_config(latest)
   schedule = schedule_of(run, stored)
   tx = make_optimizer(*schedule)
 
@@ -195,7 +207,7 @@ def train_run(
       return fit(
         pretraining_task(run, tokenizer, layout, schedule, malformed),
         batches,
-        _fit_policy(run),
+        _fit_policy(run, until),
         init_state,
         abstract_train_state(run.model, tx, layout.mesh),
         checkpointer,

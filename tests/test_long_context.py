@@ -1,0 +1,251 @@
+"""The long-context extension: stages as config (closed forms), long-document data, stage switching
+with exact resume inside and across stages on changing meshes, and the binary end to end."""
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+import llama3_jax as l3
+from llama3_jax.config import (
+  PAPER_LONG_CONTEXT,
+  CheckpointConfig,
+  DataConfig,
+  DataSource,
+  LongContextConfig,
+  LongContextStage,
+  MeshConfig,
+  OptimizerConfig,
+  RunConfig,
+  TrainConfig,
+)
+from llama3_jax.data import make_pipeline
+from llama3_jax.data.corpus import FILE_SEPARATOR, embedded_packages, stdlib_packages
+from llama3_jax.data.packing import WHOLE, PackIterDataset
+from llama3_jax.data.passkey import PasskeyDocuments
+from llama3_jax.train.long_context import stage_runs
+from llama3_jax.train.loop import train_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return l3.Tokenizer.default()
+
+
+def test_the_paper_plan_holds_the_batch_in_tokens_from_16k_to_128k():
+  plan = PAPER_LONG_CONTEXT
+  lengths = [s.seq_len for s in plan.stages]
+  assert lengths == [16384, 32768, 49152, 65536, 98304, 131072]
+  assert [plan.rows(i) * L for i, L in enumerate(lengths)] == [plan.tokens_per_step] * 6
+  assert plan.rows(5) == 120 and plan.tokens_per_step // 8192 == 1920
+  assert abs(plan.total_tokens - 800e9) < 0.001 * 800e9
+  ramp = plan.ramp()
+  assert [s.start_tokens for s in ramp] == [i * plan.stages[0].tokens for i in range(6)]
+  assert plan.end_step(5) == plan.total_steps == 6 * plan.steps(0)
+
+
+def test_stage_specs_parse_and_bad_plans_are_named():
+  stage = LongContextStage.parse("4096:6.5536e4@fsdp=2,context=2")
+  assert (stage.seq_len, stage.tokens, stage.mesh.context, stage.mesh.fsdp) == (4096, 65536, 2, 2)
+  assert LongContextStage.parse("1024:8192").mesh is None
+  with pytest.raises(ValueError, match="expected SEQ_LEN:TOKENS"):
+    LongContextStage.parse("1024")
+  with pytest.raises(ValueError, match="not a multiple of its seq_len=3000"):
+    LongContextConfig((LongContextStage(3000, 8192),), 8192)
+  with pytest.raises(ValueError, match="not a whole number of steps"):
+    LongContextConfig((LongContextStage(1024, 10000),), 8192)
+  round_trip = LongContextConfig.from_dict(json.loads(json.dumps(PAPER_LONG_CONTEXT.to_dict())))
+  assert round_trip == PAPER_LONG_CONTEXT
+
+
+def test_whole_documents_start_a_row_when_they_do_not_fit():
+  """Documents of 5, 4, 9 and 3 tokens in rows of 8: the 4-token one would straddle the first row's
+  end, so it starts the second; the 9-token one is longer than a row, so it starts a row and is
+  cut as usual (its second piece repeats the last token of the first); plain documents are cut."""
+  sizes = (5, 4, 9, 3)
+  docs = [np.arange(100 * (i + 1), 100 * (i + 1) + n, dtype=np.int32) for i, n in enumerate(sizes)]
+
+  def rows(whole):
+    source = grain.MapDataset.source(
+      [{"tokens": d, WHOLE: True} if whole else d for d in docs]
+    ).to_iter_dataset()
+    return list(PackIterDataset(source, 8))
+
+  kept = rows(whole=True)
+  assert [r["tokens"].tolist() for r in kept] == [
+    [100, 101, 102, 103, 104, 0, 0, 0],
+    [200, 201, 202, 203, 0, 0, 0, 0],
+    [300, 301, 302, 303, 304, 305, 306, 307],
+    [307, 308, 400, 401, 402, 0, 0, 0],
+  ]
+  assert kept[3]["positions"].tolist() == [7, 8, 0, 1, 2, 0, 0, 0]
+  assert kept[0]["segment_ids"].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+  cut = rows(whole=False)
+  assert cut[0]["tokens"].tolist() == [100, 101, 102, 103, 104, 200, 201, 202]
+
+
+def test_the_package_corpus_is_each_package_concatenated():
+  packages = stdlib_packages()
+  corpus = embedded_packages()
+  assert len(corpus) == len(packages) >= 20
+  names = [os.path.basename(d) for d, _ in packages]
+  assert {"email", "json", "asyncio"} <= set(names)
+  index = names.index("json")
+  directory, paths = packages[index]
+  texts = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      texts.append(f.read())
+  assert corpus[index] == FILE_SEPARATOR.join(texts)
+  assert corpus.where(index) == directory
+
+
+def test_passkey_documents_are_fixed_whole_and_answer_themselves(tokenizer):
+  """Each document ends with the answer to its question: the keys of the asked doors, as the
+  needles in its haystack give them; lengths within the bounds; shorter than a row, whole."""
+  source = PasskeyDocuments(tokenizer, 300, min_tokens=128)
+  again = PasskeyDocuments(tokenizer, 300, min_tokens=128)
+  lengths = []
+  for i in range(12):
+    text = source[i]
+    assert text == again[i]
+    haystack, _, asked = text.rpartition("\nWhat ")
+    needles = dict(re.findall(r"The pass key of the (\w+) door is (\d+)\. Remember it\.", haystack))
+    doors = re.findall(r"the (\w+) door", asked.split("?")[0])
+    answers = re.findall(r"door is (\d+)\.", asked.split("?")[1])
+    assert len(needles) == (1 if i % 2 == 0 else 4) and len(doors) == len(answers)
+    assert answers == [needles[d] for d in doors]
+    ids = tokenizer.encode(text, bos=True, eos=True)
+    lengths.append(len(ids))
+  assert 128 - 24 <= min(lengths) and max(lengths) <= 300
+  data = DataConfig(sources=(DataSource("passkey", "passkey"),), seq_len=255, global_batch_size=4)
+  batch = next(make_pipeline(data, tokenizer))
+  for row in range(4):  # documents shorter than a row start at a row's first token
+    assert batch["positions"][row, 0] == 0
+
+
+def _plan_run(directory, stage_meshes=("fsdp=8", "fsdp=4,context=2")):
+  """Two stages, 256 tokens per step: 8 rows of 32 tokens for 3 steps, then 4 rows of 64 for 3
+  steps on a mesh with context parallelism."""
+  plan = LongContextConfig(
+    (
+      LongContextStage(32, 768, MeshConfig.parse(stage_meshes[0])),
+      LongContextStage(64, 768, MeshConfig.parse(stage_meshes[1])),
+    ),
+    256,
+  )
+  run = RunConfig(
+    model=l3.get_config("tiny"),
+    optimizer=OptimizerConfig(peak_lr=3e-3, warmup_steps=1, decay_steps=6),
+    data=DataConfig(
+      sources=(
+        DataSource("embedded:packages", "text", 0.5, whole_documents=True),
+        DataSource("embedded:stdlib", "text", 0.5),
+      ),
+      seq_len=32,
+      global_batch_size=8,
+    ),
+    train=TrainConfig(steps=6, log_every=1),
+    checkpoint=CheckpointConfig(directory=str(directory), save_every=100),
+  )
+  return plan, stage_runs(run, plan)
+
+
+def _records(path):
+  with open(path) as f:
+    return {r["step"]: r for r in map(json.loads, f.read().splitlines())}
+
+
+def test_stages_switch_at_closed_form_steps_and_resume_exactly_inside_and_across(
+  tmp_path, tokenizer
+):
+  """Uninterrupted: stage 1 to its end (step 3), stage 2 to the end (step 6). Interrupted: stopped
+  inside stage 1 (step 2), at the boundary (3) and inside stage 2 (5), each part a fresh run
+  resuming from the checkpoint on its stage's mesh. The losses are bitwise equal."""
+  plan, runs = _plan_run(tmp_path / "a")
+  straight = tmp_path / "a.jsonl"
+  train_run(runs[0], tokenizer, metrics_file=str(straight), until=plan.end_step(0))
+  train_run(runs[1], tokenizer, metrics_file=str(straight), until=plan.end_step(1))
+  expected = _records(straight)
+  assert [expected[s]["batch_shape"] for s in range(1, 7)] == [[8, 32]] * 3 + [[4, 64]] * 3
+  assert {r["batch_shape"][0] * r["batch_shape"][1] for r in expected.values()} == {256}
+
+  plan, runs = _plan_run(tmp_path / "b")
+  parts = tmp_path / "b.jsonl"
+  for stage, until in ((0, 2), (0, 3), (1, 5), (1, 6)):
+    train_run(runs[stage], tokenizer, metrics_file=str(parts), until=until)
+  got = _records(parts)
+  assert sorted(got) == list(range(1, 7))
+  assert [got[s]["loss"] for s in range(1, 7)] == [expected[s]["loss"] for s in range(1, 7)]
+  assert expected[6]["loss"] < expected[1]["loss"]
+
+
+def test_a_stage_whose_batch_does_not_fit_its_mesh_is_named_before_training(tmp_path):
+  with pytest.raises(ValueError, match=r"long-context stage 2.*needs a multiple of 8"):
+    _plan_run(tmp_path, stage_meshes=("fsdp=8", "fsdp=8"))
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    head = f.read(24)
+  assert head[:8] == b"\x89PNG\r\n\x1a\n"
+  return struct.unpack(">II", head[16:24])
+
+
+def test_two_stages_through_the_binary_report_each_stage_and_resume(tmp_path):
+  """tiny, 512 tokens per step: 4 x 128 then 2 x 256 with context=2; each stage's line gives the
+  short-context loss and NIAH; a re-run trains and evaluates nothing again."""
+  command = [
+    sys.executable,
+    os.path.join(REPO, "experiments", "long_context.py"),
+    "--config=tiny",
+    "--tokens_per_step=512",
+    "--stage=128:1024",
+    "--stage=256:1024@fsdp=2,context=2",
+    "--mesh=fsdp=4",
+    "--data=embedded:packages@0.5:whole",
+    "--data=passkey@0.5",
+    f"--checkpoint_dir={tmp_path / 'run'}",
+    f"--output_dir={tmp_path / 'eval'}",
+    "--depths=0,100",
+    "--niah_samples=1",
+    "--eval_every=0",
+  ]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  }
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = [line for line in done.stdout.splitlines() if line.startswith("stage ")]
+  assert len(lines) == 2, done.stdout
+  assert lines[0].startswith("stage 1/2 (128 tokens x 4 rows, step 2")
+  assert lines[1].startswith("stage 2/2 (256 tokens x 2 rows, step 4")
+  assert "'context': 2" in lines[1] and "short-context loss" in lines[1] and "NIAH" in lines[1]
+  stages = [json.loads(x) for x in open(tmp_path / "eval" / "stages.jsonl")]
+  assert [s["step"] for s in stages] == [2, 4]
+  assert set(stages[1]["niah"]["1"]) == {"128", "256"}
+  results = [json.loads(x) for x in open(tmp_path / "eval" / "results.jsonl")]
+  assert [(r["stage"], r["length"], r["depth"]) for r in results] == [
+    (0, 128, 0.0),
+    (0, 128, 100.0),
+    (1, 128, 0.0),
+    (1, 128, 100.0),
+    (1, 256, 0.0),
+    (1, 256, 100.0),
+  ]
+  assert all(0.0 <= r["score"] <= 1.0 for r in results)
+  width, height = _png_size(tmp_path / "eval" / "heatmap.png")
+  assert width > 200 and height > 100
+  again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already trained and evaluated" in again.stderr and "stage " not in again.stdout
