@@ -259,7 +259,13 @@ _GROUPS = {
       "them asked; the paper's is 4).",
       {},
     ),
-    (flags.DEFINE_integer, "niah_samples", 4, "Prompts per length x depth, each with its own keys.", {}),
+    (
+      flags.DEFINE_integer,
+      "niah_samples",
+      4,
+      "Prompts per length x depth, each with its own keys.",
+      {},
+    ),
     (
       flags.DEFINE_string,
       "haystack",

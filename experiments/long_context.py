@@ -21,11 +21,13 @@ import os
 import cli
 import jax
 import jobs
+import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
 
 import llama3_jax as l3
 from llama3_jax.config import PAPER_LONG_CONTEXT, LongContextConfig, LongContextStage
-from llama3_jax.convert import load_checkpoint
+from llama3_jax.convert import load_checkpoint, orbax_io
 from llama3_jax.eval import niah
 from llama3_jax.parallel import initialize
 from llama3_jax.train.long_context import StageEvaluation, stage_runs, train_stage
@@ -77,22 +79,25 @@ def _plan() -> LongContextConfig:
 
 
 def _model():
-  """(config with max_seq_len at least the longest stage, --checkpoint's parameters or None)."""
-  init_params = None
+  """(model config, initial parameters or None): the run's own when --checkpoint_dir holds a step
+  (resuming: --checkpoint is not read again), else --checkpoint's or the --config preset's."""
+  if orbax_io.run_steps(FLAGS.checkpoint_dir):
+    logging.info("Resuming the run in %s (--checkpoint is not read)", FLAGS.checkpoint_dir)
+    return orbax_io.run_model_config(FLAGS.checkpoint_dir), None
   if FLAGS.checkpoint:
-    model_cfg, init_params = load_checkpoint(FLAGS.checkpoint, param_dtype="float32")
-  else:
-    model_cfg = l3.get_config(FLAGS.config, param_dtype="float32")
-  return model_cfg, init_params
+    return load_checkpoint(FLAGS.checkpoint, param_dtype="float32")
+  return l3.get_config(FLAGS.config, param_dtype="float32"), None
 
 
-def _done_stages(output_dir: str) -> dict:
-  """{stage index: summary} of the stages already evaluated."""
+def _evaluated(output_dir: str, stages: int) -> np.ndarray:
+  """bool [stages]: which stages DIR/stages.jsonl records as evaluated, as process 0 reads it."""
+  done = np.zeros(stages, bool)
   path = os.path.join(output_dir, STAGES_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return {record["stage"]: record for record in map(json.loads, filter(str.strip, f))}
+  if jax.process_index() == 0 and os.path.exists(path):
+    with open(path) as f:
+      for record in map(json.loads, filter(str.strip, f)):
+        done[record["stage"]] = True
+  return np.asarray(multihost_utils.broadcast_one_to_all(done))
 
 
 def _append(path: str, records) -> None:
@@ -114,7 +119,6 @@ def main(argv):
   run = cli.run_config(
     model_cfg, steps=plan.total_steps, data=cli.data_config(plan.rows(0), first.seq_len)
   )
-  runs = stage_runs(run, plan)
   evaluation = StageEvaluation(
     short_seq_len=_SHORT_SEQ_LEN.value or first.seq_len,
     depths=tuple(niah.parse_numbers(FLAGS.depths, "--depths", float)),
@@ -125,9 +129,10 @@ def main(argv):
     seed=FLAGS.seed,
   )
   tokenizer = l3.Tokenizer.default()
+  runs = stage_runs(run, plan, evaluation, tokenizer)
   output_dir = FLAGS.output_dir
   os.makedirs(output_dir, exist_ok=True)
-  done = _done_stages(output_dir)
+  evaluated = _evaluated(output_dir, len(plan.stages))
   logging.info(
     "%d stages of %s tokens per step: %s",
     len(plan.stages),
@@ -138,8 +143,10 @@ def main(argv):
     ),
   )
   for index, stage in enumerate(plan.stages):
-    if index in done:
-      logging.info("Stage %d already trained and evaluated (step %d)", index, done[index]["step"])
+    if evaluated[index]:
+      logging.info(
+        "Stage %d already trained and evaluated (step %d)", index + 1, plan.end_step(index)
+      )
       continue
     result, summary, records = train_stage(
       runs,
@@ -151,23 +158,25 @@ def main(argv):
       metrics_file=FLAGS.metrics_file,
     )
     jobs.exit_if_stopped(result.stop_signal, result.last["step"])
-    if jax.process_index() == 0:
-      _append(os.path.join(output_dir, STAGES_FILE), [summary])
+    if summary is None or jax.process_index() > 0:
+      continue
+    if records:  # the stage's NIAH first, its summary (what marks it evaluated) last
       _append(os.path.join(output_dir, niah.RESULTS_FILE), records)
       niah.write_heatmap(
         records,
         os.path.join(output_dir, niah.HEATMAP_FILE),
         f"{model_cfg.name} after stage {index + 1} (step {summary['step']})",
       )
-      scores = "; ".join(
-        f"{count} needle(s) {niah.summary(records, int(count))}" for count in summary["niah"]
-      )
-      print(
-        f"stage {index + 1}/{len(plan.stages)} ({stage.seq_len} tokens x {plan.rows(index)} rows, "
-        f"step {summary['step']}, mesh {summary['mesh']}): short-context loss "
-        f"{summary['short_context_loss']:.4f} at {evaluation.short_seq_len} | NIAH {scores}",
-        flush=True,
-      )
+    _append(os.path.join(output_dir, STAGES_FILE), [summary])
+    scores = "; ".join(
+      f"{count} needle(s) {niah.summary(records, int(count))}" for count in summary["niah"]
+    )
+    print(
+      f"stage {index + 1}/{len(plan.stages)} ({stage.seq_len} tokens x {plan.rows(index)} rows, "
+      f"step {summary['step']}, mesh {summary['mesh']}): short-context loss "
+      f"{summary['short_context_loss']:.4f} at {evaluation.short_seq_len} | NIAH {scores}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

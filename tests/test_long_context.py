@@ -1,6 +1,7 @@
 """The long-context extension: stages as config (closed forms), long-document data, stage switching
 with exact resume inside and across stages on changing meshes, and the binary end to end."""
 
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from llama3_jax.data import make_pipeline
 from llama3_jax.data.corpus import FILE_SEPARATOR, embedded_packages, stdlib_packages
 from llama3_jax.data.packing import WHOLE, PackIterDataset
 from llama3_jax.data.passkey import PasskeyDocuments
-from llama3_jax.train.long_context import stage_runs
+from llama3_jax.train.long_context import StageEvaluation, stage_runs
 from llama3_jax.train.loop import train_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,7 +133,10 @@ def test_passkey_documents_are_fixed_whole_and_answer_themselves(tokenizer):
     assert batch["positions"][row, 0] == 0
 
 
-def _plan_run(directory, stage_meshes=("fsdp=8", "fsdp=4,context=2")):
+EVALUATION = StageEvaluation(short_seq_len=32, depths=(0.0, 100.0))
+
+
+def _plan_run(directory, tokenizer, stage_meshes=("fsdp=8", "fsdp=4,context=2"), **evaluation):
   """Two stages, 256 tokens per step: 8 rows of 32 tokens for 3 steps, then 4 rows of 64 for 3
   steps on a mesh with context parallelism."""
   plan = LongContextConfig(
@@ -156,7 +160,7 @@ def _plan_run(directory, stage_meshes=("fsdp=8", "fsdp=4,context=2")):
     train=TrainConfig(steps=6, log_every=1),
     checkpoint=CheckpointConfig(directory=str(directory), save_every=100),
   )
-  return plan, stage_runs(run, plan)
+  return plan, stage_runs(run, plan, dataclasses.replace(EVALUATION, **evaluation), tokenizer)
 
 
 def _records(path):
@@ -170,7 +174,7 @@ def test_stages_switch_at_closed_form_steps_and_resume_exactly_inside_and_across
   """Uninterrupted: stage 1 to its end (step 3), stage 2 to the end (step 6). Interrupted: stopped
   inside stage 1 (step 2), at the boundary (3) and inside stage 2 (5), each part a fresh run
   resuming from the checkpoint on its stage's mesh. The losses are bitwise equal."""
-  plan, runs = _plan_run(tmp_path / "a")
+  plan, runs = _plan_run(tmp_path / "a", tokenizer)
   straight = tmp_path / "a.jsonl"
   train_run(runs[0], tokenizer, metrics_file=str(straight), until=plan.end_step(0))
   train_run(runs[1], tokenizer, metrics_file=str(straight), until=plan.end_step(1))
@@ -178,7 +182,7 @@ def test_stages_switch_at_closed_form_steps_and_resume_exactly_inside_and_across
   assert [expected[s]["batch_shape"] for s in range(1, 7)] == [[8, 32]] * 3 + [[4, 64]] * 3
   assert {r["batch_shape"][0] * r["batch_shape"][1] for r in expected.values()} == {256}
 
-  plan, runs = _plan_run(tmp_path / "b")
+  plan, runs = _plan_run(tmp_path / "b", tokenizer)
   parts = tmp_path / "b.jsonl"
   for stage, until in ((0, 2), (0, 3), (1, 5), (1, 6)):
     train_run(runs[stage], tokenizer, metrics_file=str(parts), until=until)
@@ -188,9 +192,29 @@ def test_stages_switch_at_closed_form_steps_and_resume_exactly_inside_and_across
   assert expected[6]["loss"] < expected[1]["loss"]
 
 
-def test_a_stage_whose_batch_does_not_fit_its_mesh_is_named_before_training(tmp_path):
+def test_bad_stage_and_evaluation_settings_are_named_before_training(tmp_path, tokenizer):
   with pytest.raises(ValueError, match=r"long-context stage 2.*needs a multiple of 8"):
-    _plan_run(tmp_path, stage_meshes=("fsdp=8", "fsdp=8"))
+    _plan_run(tmp_path, tokenizer, stage_meshes=("fsdp=8", "fsdp=8"))
+  with pytest.raises(
+    ValueError, match=r"seq_len=30 \(short-context rows in long-context stage 1\)"
+  ):
+    _plan_run(tmp_path, tokenizer, stage_meshes=("fsdp=4,context=2",) * 2, short_seq_len=30)
+  with pytest.raises(ValueError, match=r"Needle depth must be in \[0, 100\] percent, got 150"):
+    _plan_run(tmp_path, tokenizer, depths=(150.0,))
+  with pytest.raises(ValueError, match="tokens_per_step must be a positive int, got 0"):
+    LongContextConfig((LongContextStage(1024, 8192),), 0)
+
+
+def test_passkey_documents_fit_the_shortest_row_of_a_ramp(tokenizer):
+  plan = LongContextConfig((LongContextStage(128, 3072), LongContextStage(512, 2048)), 1024)
+  data = plan.data_config(DataConfig(sources=(DataSource("passkey", "passkey"),)))
+  pipeline = make_pipeline(data, tokenizer)
+  shapes = []
+  for _ in range(5):
+    batch = next(pipeline)
+    shapes.append(batch["tokens"].shape)
+    assert (batch["positions"][:, 0] == 0).all()  # every row starts a document: none is cut
+  assert shapes == [(8, 129)] * 3 + [(2, 513)] * 2
 
 
 def _png_size(path):

@@ -99,9 +99,9 @@ def test_haystacks_of_files_and_of_the_embedded_corpus(tokenizer, tmp_path):
 
 
 def test_niah_on_a_context_parallel_mesh_answers_as_one_device(tokenizer):
-  """Random tiny weights: the greedy responses (hence scores) on fsdp=2 x context=4, prompts
-  prefilled split over context, equal those of one device."""
-  cfg = l3.get_config("tiny")
+  """Random tiny weights: the greedy responses (hence scores) on fsdp=2 x context=4, prompts of
+  up to max_seq_len tokens prefilled split over context, equal those of one device."""
+  cfg = l3.get_config("tiny", max_seq_len=512)  # prompts as long as the model allows
   params = l3.init_params(cfg, jax.random.key(0))
   grid = dict(lengths=[512], depths=[0, 100], needles=4, samples=2, batch_size=2)
   single = niah.evaluate(cfg, params, tokenizer, **grid)
@@ -112,23 +112,25 @@ def test_niah_on_a_context_parallel_mesh_answers_as_one_device(tokenizer):
   assert [r["score"] for r in split] == [r["score"] for r in single]
 
 
-def test_the_binary_writes_results_and_a_heatmap_and_random_weights_score_about_zero(tmp_path):
-  out = tmp_path / "niah"
-  done = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, "experiments", "niah.py"),
-      "--config=tiny",
-      "--lengths=256,512",
-      "--depths=0,50,100",
-      "--needles=1,4",
-      "--niah_samples=2",
-      f"--output_dir={out}",
-    ],
+def _niah(*flags) -> subprocess.CompletedProcess:
+  """experiments/niah.py on one CPU device."""
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "experiments", "niah.py"), "--config=tiny", *flags],
     env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
     capture_output=True,
     text=True,
     timeout=900,
+  )
+
+
+def test_the_binary_writes_results_and_a_heatmap_and_random_weights_score_about_zero(tmp_path):
+  out = tmp_path / "niah"
+  done = _niah(
+    "--lengths=256,512",
+    "--depths=0,50,100",
+    "--needles=1,4",
+    "--niah_samples=2",
+    f"--output_dir={out}",
   )
   assert done.returncode == 0, done.stderr[-3000:]
   records = [json.loads(line) for line in open(out / "results.jsonl")]
@@ -146,18 +148,6 @@ def test_the_binary_writes_results_and_a_heatmap_and_random_weights_score_about_
 
 
 def test_bad_grids_are_named(tmp_path):
-  done = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, "experiments", "niah.py"),
-      "--config=tiny",
-      "--depths=0,150",
-      f"--output_dir={tmp_path}",
-    ],
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  done = _niah("--depths=0,150", f"--output_dir={tmp_path}")
   assert done.returncode == 2
   assert "niah.py: error: Needle depth must be in [0, 100] percent, got 150" in done.stderr

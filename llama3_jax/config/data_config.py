@@ -18,12 +18,13 @@ class DataSource:
   "array_record": one document per record, a JSON object holding `field`, or plain UTF-8 text
   when `field` is "". "chat": one dialog per line, {"messages": [...]} (data/chat.py), encoded
   with the chat format, the loss on the assistant's tokens only (SFT); `field` is unused.
-  "passkey": synthetic retrieval documents (data/passkey.py), `path_pattern` only names them.
+  "passkey": synthetic retrieval documents (data/passkey.py) at most as long as the shortest row
+  of the run, `path_pattern` only names them.
   The patterns `embedded:stdlib` and `embedded:packages` (kind "text") name the embedded corpora
   (data/corpus.py). `weight` is the source's share of training tokens relative to the others.
   `whole_documents`: a document that fits in a row is never cut at a row's end (it starts the next
   row instead, the rest of the row padded); longer ones start a row and are cut at row ends.
-  Pass-key documents are always kept whole.
+  Pass-key documents are kept whole.
   """
 
   path_pattern: str

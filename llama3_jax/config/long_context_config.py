@@ -63,9 +63,13 @@ class LongContextConfig(ConfigBase):
       object.__setattr__(self, "stages", tuple(self.stages))
     if not self.stages or not all(isinstance(s, LongContextStage) for s in self.stages):
       raise ValueError(f"LongContextConfig.stages must be LongContextStages, got {self.stages!r}")
-    if isinstance(self.tokens_per_step, bool) or not isinstance(self.tokens_per_step, int):
+    if (
+      isinstance(self.tokens_per_step, bool)
+      or not isinstance(self.tokens_per_step, int)
+      or self.tokens_per_step <= 0
+    ):
       raise ValueError(
-        f"LongContextConfig.tokens_per_step must be an int: {self.tokens_per_step!r}"
+        f"LongContextConfig.tokens_per_step must be a positive int, got {self.tokens_per_step!r}"
       )
     for i, stage in enumerate(self.stages):
       if self.tokens_per_step % stage.seq_len:

@@ -267,6 +267,12 @@ def _run_stored(path: str) -> _Stored:
   )
 
 
+def run_model_config(path: str) -> ModelConfig:
+  """The model config of a training run's checkpoint (a step, or the run's directory for its
+  newest step), without reading any array."""
+  return ModelConfig.from_dict(_run_stored(path).cfg_dict)
+
+
 def run_kind(path: str) -> str:
   """The model kind of a training run's checkpoint (a step, or the run's directory for its newest
   step), without reading any array."""

@@ -169,10 +169,10 @@ def _kept_whole(doc) -> dict:
 
 
 def _open(source, data_cfg: DataConfig, tokenizer: Any, **kwargs) -> DocumentSource:
-  """The documents of a DataSource: an embedded corpus, pass-key documents as long as the longest
-  row, or files."""
+  """The documents of a DataSource: an embedded corpus, pass-key documents at most as long as the
+  shortest row (so that every stage of a ramp keeps them whole), or files."""
   if source.kind == PASSKEY_KIND:
-    max_tokens = max(stage.seq_len for stage in data_cfg.stages) + 1
+    max_tokens = min(stage.seq_len for stage in data_cfg.stages) + 1  # rows hold seq_len + 1
     return PasskeyDocuments(tokenizer, max_tokens, name=source.path_pattern, **kwargs)
   if source.path_pattern in EMBEDDED:
     return EMBEDDED[source.path_pattern](**kwargs)

@@ -54,14 +54,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarr
 
 
 def padded_length(longest: int, limit: int, multiple: int = 16) -> int:
-  """Prompt slots for a longest prompt of `longest` tokens (few distinct compiles): the next power
-  of two (at least 16) when at most `limit`, else the next multiple of `multiple` (e.g. what
-  context parallelism splits) when at most `limit`, else `longest`."""
+  """Prompt slots for a longest prompt of `longest` tokens, a multiple of `multiple` (what context
+  parallelism splits): the next power of two (at least 16; few distinct compiles) when it is at
+  most `limit` and such a multiple, else `longest` rounded up to one."""
   power = max(16, 1 << (longest - 1).bit_length())
-  if power <= limit:
+  if power <= limit and power % multiple == 0:
     return power
-  rounded = -(-longest // multiple) * multiple
-  return rounded if rounded <= limit else longest
+  return -(-longest // multiple) * multiple
 
 
 def prefill(
