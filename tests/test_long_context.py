@@ -133,7 +133,7 @@ def test_passkey_documents_are_fixed_whole_and_answer_themselves(tokenizer):
     assert batch["positions"][row, 0] == 0
 
 
-EVALUATION = StageEvaluation(short_seq_len=32, depths=(0.0, 100.0))
+EVALUATION = StageEvaluation(short_seq_len=32, depths=(0.0, 100.0), needles=())  # no NIAH
 
 
 def _plan_run(directory, tokenizer, stage_meshes=("fsdp=8", "fsdp=4,context=2"), **evaluation):
@@ -200,7 +200,9 @@ def test_bad_stage_and_evaluation_settings_are_named_before_training(tmp_path, t
   ):
     _plan_run(tmp_path, tokenizer, stage_meshes=("fsdp=4,context=2",) * 2, short_seq_len=30)
   with pytest.raises(ValueError, match=r"Needle depth must be in \[0, 100\] percent, got 150"):
-    _plan_run(tmp_path, tokenizer, depths=(150.0,))
+    _plan_run(tmp_path, tokenizer, depths=(150.0,), needles=(1,))
+  with pytest.raises(ValueError, match="A prompt of 32 tokens cannot hold 4 needles"):
+    _plan_run(tmp_path, tokenizer, needles=(4,))
   with pytest.raises(ValueError, match="tokens_per_step must be a positive int, got 0"):
     LongContextConfig((LongContextStage(1024, 8192),), 0)
 

@@ -23,8 +23,8 @@ from llama3_jax.train.loop import HeldOut, train_run
 class StageEvaluation:
   """Settings of the evaluation at each stage's end: held-out loss over rows of `short_seq_len`
   tokens (as many rows as a step's tokens make, rounded up to the mesh's batch splits); NIAH with
-  `needles` (each count) at every stage length reached, over `depths`, `samples` prompts each
-  (see eval/niah.py)."""
+  `needles` (each count; none: no NIAH) at every stage length reached, over `depths`, `samples`
+  prompts each (see eval/niah.py)."""
 
   short_seq_len: int
   depths: tuple

@@ -161,8 +161,8 @@ def train_run(
   newest checkpoint in `run.checkpoint.directory` if there is one, else from `init_params` (host
   arrays, e.g. a converted checkpoint) or a random init. The learning-rate schedule spans
   `run.train.steps` whatever `until` is, so a run trained in parts (the long-context stages,
-  each on a mesh of its own) is the run trained at once. The ramp stages that the steps to
-  `until` reach must fit the mesh. `batches` replaces the run's training data (a grain iterator
+  each on a mesh of its own) is the run trained at once. The ramp stages from the next step on
+  (of a part of the run: those its steps reach) must fit the mesh. `batches` replaces the run's training data (a grain iterator
   of it by default; one with `get_state` has its position saved)."""
   until = run.train.steps if until is None else until
   if not 1 <= until <= run.train.steps:
@@ -177,11 +177,9 @@ def train_run(
     )
     latest = checkpointer.intact_step()
     stored = None if latest is None else checkpointer.stored_config(latest)
-  stages = run.data.stages
-  reached = range(
-    stage_of_step(stages, min(until, (latest or 0) + 1)), stage_of_step(stages, until) + 1
-  )
-  for stage in (stages[i] for i in reached):
+  stages = run.data.stages  # those from the next step on; a part of a run: those it reaches
+  last = stage_of_step(stages, until) if until < run.train.steps else len(stages) - 1
+  for stage in stages[stage_of_step(stages, min(until, (latest or 0) + 1)) : last + 1]:
     layout.check_batch(
       stage.global_batch_size, stage.seq_len, where=f"the stage from token {stage.start_tokens}"
     )
