@@ -221,11 +221,11 @@ def main(argv):
       began = time.time()
       disk = _Job(directory, metrics, os.path.join(work, "full-disk.log"), FULL_DISK_BYTES)
       disk_err = disk.wait(timeout=600)
-      lines = disk_err.strip().splitlines()
+      ours = [line for line in disk_err.splitlines() if line.startswith("pretrain.py: error:")]
       full_disk = dict(
         returncode=disk.returncode,
         seconds=round(time.time() - began, 1),
-        error=lines[-1] if lines else "",
+        error=ours[-1] if ours else disk_err.strip()[-300:],
         temporary_left=[n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n],
       )
       named = full_disk["error"].startswith("pretrain.py: error: Saving step")

@@ -477,9 +477,16 @@ USAGE_EXIT = 2
 USER_ERRORS = (ValueError, OSError, app.UsageError)
 
 
-def _fail(message: str, status: int) -> None:
+def _fail(message: str, status: int, at_once: bool = False) -> None:
+  """Prints `<binary>: error: <message>` and exits with `status`; `at_once` skips the interpreter's
+  shutdown (after a failed save, Orbax's writer threads and event loop would print their own
+  errors after this line)."""
   program = os.path.basename(sys.argv[0]) if sys.argv else "llama3_jax"
   print(f"{program}: error: {' '.join(message.split())}", file=sys.stderr)
+  if at_once:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
   sys.exit(status)
 
 
@@ -519,7 +526,7 @@ def run(main) -> None:
       if isinstance(e, (TimeoutError, ConnectionError)):  # the job's, not the user's: traceback
         raise
       logging.vlog(1, "Traceback of the error below", exc_info=True)
-      status = 1 if isinstance(e, CheckpointSaveError) else USAGE_EXIT
-      _fail(str(e) or type(e).__name__, status)
+      failed_save = isinstance(e, CheckpointSaveError)
+      _fail(str(e) or type(e).__name__, 1 if failed_save else USAGE_EXIT, at_once=failed_save)
 
   app.run(guarded, flags_parser=_parse_flags)

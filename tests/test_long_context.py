@@ -275,3 +275,18 @@ def test_two_stages_through_the_binary_report_each_stage_and_resume(tmp_path):
   again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already trained and evaluated" in again.stderr and "stage " not in again.stdout
+
+
+def test_a_run_saved_before_whole_documents_existed_still_resumes(tmp_path, tokenizer):
+  """The stored data settings of a checkpoint written before DataSource.whole_documents (no such
+  key) compare equal to today's run once filled with the defaults."""
+  from llama3_jax.train.loop import _canonical
+
+  _, runs = _plan_run(tmp_path, tokenizer)
+  current = json.loads(json.dumps(runs[0].to_dict()))
+  stored = json.loads(json.dumps(current))
+  old_source = stored["data"]["sources"][1]
+  assert old_source["whole_documents"] is False
+  del old_source["whole_documents"]  # as a checkpoint of the older code stored it
+  assert stored["data"] != current["data"]
+  assert json.loads(json.dumps(_canonical(stored)))["data"] == current["data"]

@@ -68,8 +68,9 @@ class Task:
   `size(batch)` is this process's host batch's (shape: tokens trained on, training FLOPs; the
   loop records them for all processes as `batch_shape`). `run_config` (JSON) is saved with every
   checkpoint; a resume must match its `model` (architecture) and every data setting named in
-  `resume_keys` ("a.b": run_config["a"]["b"]). `extras()` adds entries to every record (e.g. a
-  count of bad rows).
+  `resume_keys` ("a.b": run_config["a"]["b"]), compared after `canonical(stored run config)`
+  (e.g. fields added since it was saved filled with their defaults). `extras()` adds entries to
+  every record (e.g. a count of bad rows).
   """
 
   model: ModelConfig
@@ -82,6 +83,7 @@ class Task:
   resume_keys: Sequence[str] = ()
   check_position: Optional[Callable[[Dict, int], None]] = None
   extras: Callable[[], Dict] = dict
+  canonical: Callable[[Dict], Dict] = lambda stored: stored
 
 
 @dataclasses.dataclass
@@ -241,10 +243,11 @@ def _restore(checkpointer: RunCheckpointer, step: int, task: Task, policy, abstr
   stored = checkpointer.stored_config(step)
   check_resumable(stored, task.model)
   current = json.loads(json.dumps(task.run_config))  # as stored: tuples are lists
+  compared = json.loads(json.dumps(task.canonical(stored)))
   changed = [
-    f"{k}: checkpoint {_entry(stored, k)!r} vs run {_entry(current, k)!r}"
+    f"{k}: checkpoint {_entry(compared, k)!r} vs run {_entry(current, k)!r}"
     for k in task.resume_keys
-    if _entry(stored, k) != _entry(current, k)
+    if _entry(compared, k) != _entry(current, k)
   ]
   where = f"{checkpointer.directory} step {step}"
   if changed and not policy.allow_data_change:

@@ -9,7 +9,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import jax
 from absl import logging
 
-from llama3_jax.config import OptimizerConfig, RunConfig
+from llama3_jax.config import DataConfig, OptimizerConfig, RunConfig
 from llama3_jax.convert.orbax_io import MODEL_KIND_KEY
 from llama3_jax.data import MalformedCounter, make_pipeline
 from llama3_jax.data.pipeline import check_position
@@ -106,7 +106,14 @@ def pretraining_task(
       check_position, data_cfg=run.data, process_count=jax.process_count()
     ),
     extras=lambda: {"malformed_rows": malformed.total} if malformed.total else {},
+    canonical=_canonical,
   )
+
+
+def _canonical(stored: Dict) -> Dict:
+  """A stored run config with its data settings as today's DataConfig writes them (fields added
+  since, such as DataSource.whole_documents, at their defaults)."""
+  return {**stored, "data": DataConfig.from_dict(stored["data"]).to_dict()}
 
 
 def _fit_policy(run: RunConfig, until: int) -> FitPolicy:
