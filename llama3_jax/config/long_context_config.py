@@ -74,12 +74,12 @@ class LongContextConfig(ConfigBase):
     for i, stage in enumerate(self.stages):
       if self.tokens_per_step % stage.seq_len:
         raise ValueError(
-          f"Long-context stage {i}: tokens_per_step={self.tokens_per_step} is not a multiple of "
+          f"Long-context stage {i + 1}: tokens_per_step={self.tokens_per_step} is not a multiple of "
           f"its seq_len={stage.seq_len}"
         )
       if stage.tokens % self.tokens_per_step:
         raise ValueError(
-          f"Long-context stage {i}: its {stage.tokens} tokens are not a whole number of steps "
+          f"Long-context stage {i + 1}: its {stage.tokens} tokens are not a whole number of steps "
           f"of {self.tokens_per_step} tokens"
         )
 
