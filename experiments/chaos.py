@@ -178,6 +178,15 @@ def _straight(work: str) -> dict:
   )
 
 
+def _kill_window(straight: dict, directory: str) -> float:
+  """Seconds within which the next kill falls: start-up and three saves' worth of steps, but
+  well before the job would finish from its newest saved step (a kill must land to count)."""
+  saved = step_numbers(directory)
+  left = _STEPS.value - (saved[-1] if saved else 0)
+  usual = straight["startup_s"] + 3 * _SAVE_EVERY.value * straight["step_s"]
+  return max(min(usual, 0.7 * (straight["startup_s"] + left * straight["step_s"])), 0.2)
+
+
 def main(argv):
   del argv
   rng = random.Random(_SEED.value)
@@ -194,13 +203,12 @@ def main(argv):
   full_disk = None
   corrupt_at = sorted(rng.sample(range(1, _KILLS.value + 1), min(_CORRUPTIONS.value, _KILLS.value)))
   full_disk_after = _KILLS.value // 2 if _FULL_DISK.value else None
-  window = straight["startup_s"] + 3 * _SAVE_EVERY.value * straight["step_s"]
   start = time.time()
   while True:
     killing = kills < _KILLS.value
+    delay = rng.uniform(0.1, _kill_window(straight, directory)) if killing else None
     job = _Job(directory, metrics, os.path.join(work, f"run-{runs}.log"))
     runs += 1
-    delay = rng.uniform(0.1, window) if killing else None
     stderr = job.wait(timeout=delay)
     resumed = re.search(r"Training from step (\d+)", stderr)
     if pending and resumed:  # the first run to get past resuming since the damage

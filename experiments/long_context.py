@@ -100,12 +100,6 @@ def _evaluated(output_dir: str, stages: int) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(done))
 
 
-def _append(path: str, records) -> None:
-  with open(path, "a") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-
-
 def main(argv):
   del argv
   jobs.quiet_libraries()
@@ -161,13 +155,13 @@ def main(argv):
     if summary is None or jax.process_index() > 0:
       continue
     if records:  # the stage's NIAH first, its summary (what marks it evaluated) last
-      _append(os.path.join(output_dir, niah.RESULTS_FILE), records)
+      niah.write_records(records, os.path.join(output_dir, niah.RESULTS_FILE), append=True)
       niah.write_heatmap(
         records,
         os.path.join(output_dir, niah.HEATMAP_FILE),
         f"{model_cfg.name} after stage {index + 1} (step {summary['step']})",
       )
-    _append(os.path.join(output_dir, STAGES_FILE), [summary])
+    niah.write_records([summary], os.path.join(output_dir, STAGES_FILE), append=True)
     scores = "; ".join(
       f"{count} needle(s) {niah.summary(records, int(count))}" for count in summary["niah"]
     )

@@ -116,9 +116,9 @@ def evaluate(
   return records
 
 
-def write_records(records: Sequence[Dict], path: str) -> None:
-  """JSON lines, one record each."""
-  with open(path, "w") as f:
+def write_records(records: Sequence[Dict], path: str, append: bool = False) -> None:
+  """JSON lines, one record each; after the file's lines when `append`."""
+  with open(path, "a" if append else "w") as f:
     for record in records:
       f.write(json.dumps(record) + "\n")
 

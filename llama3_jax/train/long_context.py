@@ -103,7 +103,10 @@ def train_stage(
   parameters are gone). NIAH runs in single-process jobs only (generation is not multi-host)."""
   run, stage = runs[index], plan.stages[index]
   end = plan.end_step(index)
-  result = train_run(run, tokenizer, init_params=init_params, metrics_file=metrics_file, until=end)
+  layout = Layout.build(run.model, run.mesh, run.train)
+  result = train_run(
+    run, tokenizer, init_params=init_params, metrics_file=metrics_file, until=end, layout=layout
+  )
   if result.stop_signal is not None:
     return result, None, []
   if result.last["step"] != end:
@@ -114,7 +117,6 @@ def train_stage(
       result.last["step"],
     )
     return result, None, []
-  layout = Layout.build(run.model, run.mesh, run.train)
   params = result.state.params
   first = plan.stages[0]
   if "eval_loss" in result.last and evaluation.short_seq_len == first.seq_len:

@@ -163,18 +163,21 @@ def train_run(
   metrics_file: Optional[str] = None,
   batches: Optional[Iterator[Dict]] = None,
   until: Optional[int] = None,
+  layout: Optional[Layout] = None,
 ) -> FitResult:
   """Trains up to step `until` (default: the run's last, `run.train.steps`), resuming from the
   newest checkpoint in `run.checkpoint.directory` if there is one, else from `init_params` (host
   arrays, e.g. a converted checkpoint) or a random init. The learning-rate schedule spans
   `run.train.steps` whatever `until` is, so a run trained in parts (the long-context stages,
   each on a mesh of its own) is the run trained at once. The ramp stages from the next step on
-  (of a part of the run: those its steps reach) must fit the mesh. `batches` replaces the run's training data (a grain iterator
-  of it by default; one with `get_state` has its position saved)."""
+  (of a part of the run: those its steps reach) must fit the mesh. `batches` replaces the run's
+  training data (a grain iterator of it by default; one with `get_state` has its position
+  saved); `layout`, the run's Layout when the caller has built it."""
   until = run.train.steps if until is None else until
   if not 1 <= until <= run.train.steps:
     raise ValueError(f"until={until} is not a step of this run of {run.train.steps} steps")
-  layout = Layout.build(run.model, run.mesh, run.train)  # logs the degrees and pipeline schedule
+  if layout is None:
+    layout = Layout.build(run.model, run.mesh, run.train)  # logs the degrees and pipeline schedule
   layout.check_layers()
   checkpointer, stored, latest = None, None, None
   if run.checkpoint.directory:
