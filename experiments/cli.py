@@ -127,6 +127,15 @@ _GROUPS = {
     (flags.DEFINE_integer, "warmup_steps", None, "Default: min(8000, steps // 10).", {}),
     (flags.DEFINE_integer, "decay_steps", None, "Cosine decay length; default: steps.", {}),
     (flags.DEFINE_integer, "anneal_steps", 0, "Final linear anneal to 0 over this many steps.", {}),
+    (flags.DEFINE_float, "adam_eps", OptimizerConfig.eps, "AdamW's epsilon.", {}),
+    (flags.DEFINE_float, "weight_decay", OptimizerConfig.weight_decay, "AdamW's weight decay.", {}),
+    (
+      flags.DEFINE_float,
+      "clip_norm",
+      OptimizerConfig.clip_norm,
+      "Gradients clipped to this global norm (0: not clipped).",
+      {},
+    ),
     (flags.DEFINE_integer, "eval_every", 50, "Held-out metrics every N steps (0: never).", {}),
     (flags.DEFINE_integer, "log_every", 10, "Progress line every N steps.", {}),
     (
@@ -345,8 +354,8 @@ def sampling_config() -> "l3.SamplingConfig":
 
 
 def optimizer_config(steps: Optional[int] = None) -> OptimizerConfig:
-  """AdamW's schedule from --lr, --warmup_steps, --decay_steps, --anneal_steps over `steps`
-  (default --steps)."""
+  """AdamW from --lr, --warmup_steps, --decay_steps, --anneal_steps over `steps` (default
+  --steps), --adam_eps, --weight_decay and --clip_norm."""
   steps = FLAGS.steps if steps is None else steps
   warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else min(8000, steps // 10)
   return OptimizerConfig(
@@ -354,6 +363,9 @@ def optimizer_config(steps: Optional[int] = None) -> OptimizerConfig:
     warmup_steps=warmup,
     decay_steps=FLAGS.decay_steps or max(steps, warmup + 1),
     anneal_steps=FLAGS.anneal_steps,
+    eps=FLAGS.adam_eps,
+    weight_decay=FLAGS.weight_decay,
+    clip_norm=FLAGS.clip_norm,
   )
 
 

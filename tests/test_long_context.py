@@ -29,7 +29,7 @@ from llama3_jax.config import (
 from llama3_jax.data import make_pipeline
 from llama3_jax.data.corpus import FILE_SEPARATOR, embedded_packages, stdlib_packages
 from llama3_jax.data.packing import WHOLE, PackIterDataset
-from llama3_jax.data.passkey import PasskeyDocuments
+from llama3_jax.data.passkey import PasskeyDocuments, digit_token_ids, key_copies
 from llama3_jax.train.long_context import StageEvaluation, stage_runs
 from llama3_jax.train.loop import train_run
 
@@ -110,27 +110,70 @@ def test_the_package_corpus_is_each_package_concatenated():
 
 
 def test_passkey_documents_are_fixed_whole_and_answer_themselves(tokenizer):
-  """Each document ends with the answer to its question: the keys of the asked doors, as the
-  needles in its haystack give them; lengths within the bounds; shorter than a row, whole."""
+  """Each haystack and needle list ends with the answer to its question: the keys of the asked
+  doors, as its needles give them; each repeat states its digits twice; lengths within the
+  bounds; shorter than a row, whole."""
   source = PasskeyDocuments(tokenizer, 300, min_tokens=128)
   again = PasskeyDocuments(tokenizer, 300, min_tokens=128)
   lengths = []
-  for i in range(12):
+  for i in range(18):
     text = source[i]
     assert text == again[i]
+    lengths.append(len(tokenizer.encode(text, bos=True, eos=True)))
+    if i % 8 >= 2:
+      first, second = re.fullmatch(r"The pass key is (\d+)\. Again: (\d+)\.", text).groups()
+      assert first == second and lengths[-1] >= 300 - 2  # as many digits as fit
+      continue
     haystack, _, asked = text.rpartition("\nWhat ")
-    needles = dict(re.findall(r"The pass key of the (\w+) door is (\d+)\. Remember it\.", haystack))
+    needles = re.findall(r"The pass key of the (\w+) door is (\d+)\. Remember it\. \2 is", haystack)
     doors = re.findall(r"the (\w+) door", asked.split("?")[0])
     answers = re.findall(r"door is (\d+)\.", asked.split("?")[1])
-    assert len(needles) == (1 if i % 2 == 0 else 4) and len(doors) == len(answers)
-    assert answers == [needles[d] for d in doors]
-    ids = tokenizer.encode(text, bos=True, eos=True)
-    lengths.append(len(ids))
-  assert 128 - 24 <= min(lengths) and max(lengths) <= 300
+    assert len(set(d for d, _ in needles)) == len(needles) and len(doors) == len(answers)
+    assert answers == [dict(needles)[d] for d in doors]
+    if i % 8 == 0:
+      assert len(needles) == (1 if i % 16 == 0 else 4)
+      assert haystack.count("The grass is green.") >= 1
+    else:  # a needle list: nothing but needles, as many as fit
+      assert 3 <= len(needles) <= 8 and "grass" not in haystack
+  assert 128 - 32 <= min(lengths) and max(lengths) <= 300
   data = DataConfig(sources=(DataSource("passkey", "passkey"),), seq_len=255, global_batch_size=4)
   batch = next(make_pipeline(data, tokenizer))
   for row in range(4):  # documents shorter than a row start at a row's first token
     assert batch["positions"][row, 0] == 0
+
+
+def test_passkey_documents_teach_only_the_keys_they_copy(tokenizer):
+  """The learned tokens (targets) of a pass-key document are its later mentions of each key, with
+  the space before and the token after; a text source mixed in learns every token."""
+  digits = digit_token_ids(tokenizer)
+  assert len(digits) == 1110 and tokenizer.encode("482", bos=False, eos=False)[0] in digits
+  text = "The pass key of the red door is 48213. Remember it. 48213 is the pass key."
+  ids = np.array(tokenizer.encode(text + " What? It is 48213.", bos=True, eos=True))
+  learned = [tokenizer.decode([int(t)]) for t in ids[key_copies(ids, digits) == 1]]
+  assert learned == [" ", "482", "13", " is", " ", "482", "13", "."]
+  assert not key_copies(
+    np.array(tokenizer.encode("Keys 123 and 456.", bos=True, eos=True)), digits
+  ).any()
+  data = DataConfig(
+    sources=(
+      DataSource("passkey", "passkey", weight=0.5),
+      DataSource("embedded:stdlib", "text", weight=0.5),
+    ),
+    seq_len=255,
+    global_batch_size=8,
+  )
+  batch = next(make_pipeline(data, tokenizer))
+  passkey_docs = text_docs = 0
+  for tokens, segments, targets in zip(batch["tokens"], batch["segment_ids"], batch["targets"]):
+    for segment in set(segments[segments > 0].tolist()):
+      part = segments == segment
+      if "pass key" in tokenizer.decode(tokens[part].tolist()):
+        passkey_docs += 1
+        np.testing.assert_array_equal(targets[part], key_copies(tokens[part], digits))
+      else:
+        text_docs += 1
+        assert targets[part].all()
+  assert passkey_docs and text_docs
 
 
 EVALUATION = StageEvaluation(short_seq_len=32, depths=(0.0, 100.0), needles=())  # no NIAH

@@ -42,29 +42,42 @@ def test_schedule_closed_form():
     assert float(lr(step)) == pytest.approx(value, abs=1e-6), step
 
 
-def test_one_adamw_step_equals_torch():
-  """Clipping to global norm 1.0 then AdamW (decoupled decay on every parameter) vs torch."""
+@pytest.mark.parametrize("eps, weight_decay, clip_norm", [(1e-5, 0.1, 1.0), (1e-8, 0.03, 0.0)])
+def test_one_adamw_step_equals_torch(eps, weight_decay, clip_norm):
+  """Clipping to global norm `clip_norm` (0: none) then AdamW (decoupled decay on every
+  parameter) vs torch."""
   rng = np.random.RandomState(0)
   params = {"w": rng.randn(4, 3).astype(np.float32), "b": rng.randn(3).astype(np.float32)}
   grads = {"w": 3 * rng.randn(4, 3).astype(np.float32), "b": rng.randn(3).astype(np.float32)}
   # A decay horizon so long that the learning rate stays at its peak, as torch's constant lr.
-  cfg = OptimizerConfig(peak_lr=0.1, warmup_steps=0, decay_steps=10**9, weight_decay_mask="all")
+  cfg = OptimizerConfig(
+    peak_lr=0.1,
+    warmup_steps=0,
+    decay_steps=10**9,
+    weight_decay_mask="all",
+    eps=eps,
+    weight_decay=weight_decay,
+    clip_norm=clip_norm,
+  )
   tx = make_optimizer(cfg, total_steps=10)
   ours = params
   state = tx.init(params)
   torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
   torch_opt = torch.optim.AdamW(
-    torch_params.values(), lr=0.1, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1
+    torch_params.values(), lr=0.1, betas=(0.9, 0.95), eps=eps, weight_decay=weight_decay
   )
   for _ in range(3):
     updates, state = tx.update(grads, state, ours)
     ours = optax.apply_updates(ours, updates)
     for k, p in torch_params.items():
       p.grad = torch.tensor(grads[k])
-    torch.nn.utils.clip_grad_norm_(torch_params.values(), 1.0)
+    if clip_norm:
+      torch.nn.utils.clip_grad_norm_(torch_params.values(), clip_norm)
     torch_opt.step()
   for k in params:
     np.testing.assert_allclose(ours[k], torch_params[k].detach().numpy(), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="eps > 0 and weight_decay >= 0"):
+    OptimizerConfig(eps=0.0)
 
 
 def test_matrices_mask_leaves_norm_scales_undecayed():

@@ -19,7 +19,8 @@ class DataSource:
   when `field` is "". "chat": one dialog per line, {"messages": [...]} (data/chat.py), encoded
   with the chat format, the loss on the assistant's tokens only (SFT); `field` is unused.
   "passkey": synthetic retrieval documents (data/passkey.py) at most as long as the shortest row
-  of the run, `path_pattern` only names them.
+  of the run, the loss on the keys they copy only; `path_pattern` only names them. Other sources
+  mixed with "chat" or "passkey" ones learn every token.
   The patterns `embedded:stdlib` and `embedded:packages` (kind "text") name the embedded corpora
   (data/corpus.py). `weight` is the source's share of training tokens relative to the others.
   `whole_documents`: a document that fits in a row is never cut at a row's end (it starts the next

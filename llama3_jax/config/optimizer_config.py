@@ -45,5 +45,10 @@ class OptimizerConfig(ConfigBase):
         f"OptimizerConfig.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got "
         f"{self.weight_decay_mask!r}"
       )
+    if self.eps <= 0 or self.weight_decay < 0:
+      raise ValueError(
+        f"OptimizerConfig needs eps > 0 and weight_decay >= 0, got {self.eps} and "
+        f"{self.weight_decay}"
+      )
     if self.clip_norm < 0:
       raise ValueError(f"OptimizerConfig.clip_norm must be >= 0, got {self.clip_norm}")

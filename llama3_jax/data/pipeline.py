@@ -16,12 +16,14 @@ from llama3_jax.config.data_config import DataConfig
 from llama3_jax.data.chat import parse_sft_row, sft_example
 from llama3_jax.data.corpus import EMBEDDED, embedded_corpus
 from llama3_jax.data.packing import WHOLE, PackIterDataset
-from llama3_jax.data.passkey import PASSKEY_KIND, PasskeyDocuments
+from llama3_jax.data.passkey import PASSKEY_KIND, PasskeyDocuments, digit_token_ids, key_copies
 from llama3_jax.data.ramp import RampDatasetIterator, tokens_after
 from llama3_jax.data.sources import DocumentSource, MalformedCounter, open_source
 from llama3_jax.tokenizer.chat_format import ChatFormat
 
 SPLITS = ("train", "eval")
+# Source kinds whose documents mark the tokens learned (`targets`); the others then learn every token.
+TARGET_KINDS = ("chat", PASSKEY_KIND)
 
 
 def held_out_mask(num_docs: int, fraction: float) -> np.ndarray:
@@ -149,6 +151,20 @@ def _tokenize(source: DocumentSource, tokenizer: Any, index: int) -> np.ndarray:
   return np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
 
 
+def _encode_passkey(
+  source: DocumentSource, tokenizer: Any, digit_ids: frozenset, index: int
+) -> dict:
+  """{tokens int32 [n], targets int32 [n]} of pass-key document `index`: targets are the keys
+  it copies (passkey.key_copies)."""
+  tokens = _tokenize(source, tokenizer, index)
+  return {"tokens": tokens, "targets": key_copies(tokens, digit_ids)}
+
+
+def _all_targets(doc) -> dict:
+  """A document every token of which is learned, in the form of the documents that carry targets."""
+  return {"tokens": doc, "targets": np.ones(len(doc), np.int32)}
+
+
 def _encode_dialog(source: DocumentSource, chat: ChatFormat, index: int) -> dict:
   """{tokens int32 [n], targets int32 [n]} of dialog `index` (targets: the assistant's tokens);
   empty for a malformed row."""
@@ -209,8 +225,12 @@ def _documents(
   spec = data_cfg.sources[source_index] if data_cfg.sources else None
   if spec and spec.kind == "chat":
     ds = ds.map(functools.partial(_encode_dialog, source, ChatFormat(tokenizer)))
+  elif spec and spec.kind == PASSKEY_KIND:
+    ds = ds.map(functools.partial(_encode_passkey, source, tokenizer, digit_token_ids(tokenizer)))
   else:
     ds = ds.map(functools.partial(_tokenize, source, tokenizer))
+    if any(s.kind in TARGET_KINDS for s in data_cfg.sources):
+      ds = ds.map(_all_targets)
   if spec and (spec.whole_documents or spec.kind == PASSKEY_KIND):
     ds = ds.map(_kept_whole)
   read_options = grain.ReadOptions(
