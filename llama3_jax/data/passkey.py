@@ -11,9 +11,8 @@ Documents come in three kinds (by index i % 8), haystacks and lists at a length 
   one per door), then the question for one of them and its answer;
 - repeats (the other six of eight): "The pass key is <digits>. Again: <digits>." with as many
   random digits as fit.
-The lists and repeats are drills: retrieval at short range with many keys to copy per token, which
-is what makes a small model learn to copy in a few hundred steps (the haystacks alone teach it far
-more slowly: a few copied tokens per hundred).
+The lists and repeats are drills: retrieval at short range with many keys to copy per token (a
+haystack has a few copied tokens per hundred).
 
 What a model learns from these documents are the keys it can copy (`key_copies`: every later
 mention of a key given before, with the tokens around it); the first mention of a key is random and
@@ -75,13 +74,13 @@ class PasskeyDocuments(DocumentSource):
     if not 0 <= index < self._size:
       raise IndexError(f"Document index {index} out of range for {self._size} pass-key documents")
     kind = index % 8
+    if kind >= 2:
+      return self._repeat(np.random.default_rng([_STREAM, index]), self._lengths[1])
     needles = 4 if index % 16 == 8 and self._lengths[1] >= MULTI_NEEDLE_TOKENS else 1
     low = max(self._lengths[0], MULTI_NEEDLE_TOKENS) if needles > 1 else self._lengths[0]
     length = int(np.random.default_rng([_STREAM, index, 0]).integers(low, self._lengths[1] + 1))
     if kind == 1:
       return self._needle_list(np.random.default_rng([_STREAM, index]), length)
-    if kind:
-      return self._repeat(np.random.default_rng([_STREAM, index]), self._lengths[1])
     budget = length
     while True:  # the same needles, the haystack shortened until the whole document fits
       text = self._text_within(index, budget, needles)
@@ -98,9 +97,9 @@ class PasskeyDocuments(DocumentSource):
     needles = draw_needles(rng, len(DOORS))
     asked = int(rng.integers(len(DOORS)))
     for count in range(len(DOORS), 0, -1):
-      chosen = needles[:count]
-      text = "".join(n.sentence for n in chosen).lstrip(" ")
-      text += question([chosen[asked % count]]) + answer([chosen[asked % count]])
+      chosen = [needles[asked % count]]
+      text = "".join(n.sentence for n in needles[:count]).lstrip(" ")
+      text += question(chosen) + answer(chosen)
       if count == 1 or self._fits(text, length):
         return text
 
