@@ -1,6 +1,7 @@
 """The output head and loss in token chunks equal the unchunked computation (log-probs, z-loss
-terms, the loss and every gradient; with context-parallel shards too), and the step's compiled
-temporaries drop by at least the size of the [T, vocab] float32 logits."""
+terms, the loss and every gradient; with context-parallel shards too; the head on the valid
+tokens only), and the step's compiled temporaries drop by at least the size of the [T, vocab]
+float32 logits."""
 
 import dataclasses
 import functools
@@ -30,23 +31,30 @@ def _close(a, b, scale=1e-6):
   np.testing.assert_allclose(a, b, rtol=0, atol=scale * np.abs(np.asarray(b)).max())
 
 
+@pytest.mark.parametrize("only_valid", [False, True])
 @pytest.mark.parametrize("chunk,shards", [(8, 1), (5, 1), (4, 2)])
-def test_chunked_log_probs_and_gradients_equal_unchunked(chunk, shards):
+def test_chunked_log_probs_and_gradients_equal_unchunked(chunk, shards, only_valid):
+  """`only_valid`: the head runs on the valid tokens only (sparse rows, a row with none, a row
+  with all), and the outputs are 0 elsewhere."""
   params = l3.init_params(CFG, jax.random.key(0))
   rng = np.random.RandomState(0)
-  x_BTD = jnp.asarray(rng.randn(3, 36, CFG.dim), jnp.float32)
-  targets = jnp.asarray(rng.randint(0, CFG.vocab_size, (3, 36)))
-  valid = jnp.asarray(rng.rand(3, 36) > 0.3)
+  x_BTD = jnp.asarray(rng.randn(4, 36, CFG.dim), jnp.float32)
+  targets = jnp.asarray(rng.randint(0, CFG.vocab_size, (4, 36)))
+  valid = rng.rand(4, 36) > (0.9 if only_valid else 0.3)
+  valid[2], valid[3] = False, True
+  valid = jnp.asarray(valid)
 
   def losses(p, x, chunk):
     head = lambda h: l3.Transformer(CFG).apply({"params": p}, h, method="head")
-    log_p, lse = chunked_log_probs(head, x, targets, chunk, shards)
+    log_p, lse = chunked_log_probs(head, x, targets, chunk, shards, valid if only_valid else None)
     ce, z = log_prob_sums(log_p, lse, valid)
     return ce + 0.1 * z, (log_p, lse, ce, z)
 
   grad = jax.jit(jax.grad(losses, argnums=(0, 1), has_aux=True), static_argnums=2)
   (g_params, g_x), (log_p, lse, ce, z) = grad(params, x_BTD, chunk)
   (r_params, r_x), (r_log_p, r_lse, r_ce, r_z) = grad(params, x_BTD, 0)
+  if only_valid:
+    r_log_p, r_lse = r_log_p * valid, r_lse * valid
   for a, b in [(log_p, r_log_p), (lse, r_lse), (g_x, r_x)]:
     _close(a, b)
   assert float(ce) == pytest.approx(float(r_ce), rel=1e-6)

@@ -52,7 +52,7 @@ def dpo_rows(chat: ChatFormat, preferences: Sequence[Preference], length: int) -
 
 def response_logps(params: Dict, batch: Dict, cfg: ModelConfig, chunk=TrainConfig.loss_chunk):
   """(chosen log-prob sums [B], rejected log-prob sums [B], chosen token counts [B]), float32;
-  the head runs over `chunk` tokens at a time (train/loss.py)."""
+  the head runs over `chunk` tokens at a time, response tokens only (train/loss.py)."""
   model = Transformer(cfg)
   hidden_BTD = model.apply(
     {"params": params},
@@ -64,7 +64,10 @@ def response_logps(params: Dict, batch: Dict, cfg: ModelConfig, chunk=TrainConfi
   )
   predicting_BTD = jnp.take_along_axis(hidden_BTD, batch["predicted_from"][..., None], axis=1)
   head = lambda x: model.apply({"params": params}, x, method="head")
-  logps_BT, _ = chunked_log_probs(head, predicting_BTD, batch["tokens"], chunk)
+  responses_BT = batch["chosen"] | batch["rejected"]
+  logps_BT, _ = chunked_log_probs(
+    head, predicting_BTD, batch["tokens"], chunk, valid_BT=responses_BT
+  )
   chosen, chosen_tokens = response_sums(logps_BT, batch["chosen"])
   rejected, _ = response_sums(logps_BT, batch["rejected"])
   return chosen, rejected, chosen_tokens

@@ -56,7 +56,10 @@ def loss_sums_and_grads(params, batch: Dict, layout: "Layout"):
     x_BTD = hidden(p, inputs["tokens"], inputs["positions"], inputs["segment_ids"])
     with nn.logical_axis_rules(layout.head_rules):
       head = lambda x: model.apply({"params": p}, x, method="head")
-      log_p, lse = chunked_log_probs(head, x_BTD, targets, train_cfg.loss_chunk, context)
+      sparse = valid if "targets" in micro else None  # SFT / pass-key rows: head on targets only
+      log_p, lse = chunked_log_probs(
+        head, x_BTD, targets, train_cfg.loss_chunk, context, valid_BT=sparse
+      )
     ce_sum, z_sum = log_prob_sums(log_p, lse, valid)
     return ce_sum + train_cfg.z_loss_weight * z_sum, (ce_sum, jnp.sum(valid))
 
