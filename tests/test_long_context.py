@@ -28,6 +28,7 @@ from llama3_jax.config import (
 )
 from llama3_jax.data import make_pipeline
 from llama3_jax.data.corpus import FILE_SEPARATOR, embedded_packages, stdlib_packages
+from llama3_jax.data.haystack import KEY_DIGITS
 from llama3_jax.data.packing import WHOLE, PackIterDataset
 from llama3_jax.data.passkey import PasskeyDocuments, digit_token_ids, key_copies
 from llama3_jax.train.long_context import StageEvaluation, stage_runs
@@ -111,18 +112,19 @@ def test_the_package_corpus_is_each_package_concatenated():
 
 def test_passkey_documents_are_fixed_whole_and_answer_themselves(tokenizer):
   """Each haystack and needle list ends with the answer to its question: the keys of the asked
-  doors, as its needles give them; each repeat states its digits twice; lengths within the
-  bounds; shorter than a row, whole."""
+  doors, as its needles give them; each repeat states its digits twice, their count random; lengths
+  within the bounds; shorter than a row, whole."""
   source = PasskeyDocuments(tokenizer, 300, min_tokens=128)
   again = PasskeyDocuments(tokenizer, 300, min_tokens=128)
-  lengths = []
+  lengths, repeated = [], []
   for i in range(18):
     text = source[i]
     assert text == again[i]
     lengths.append(len(tokenizer.encode(text, bos=True, eos=True)))
     if i % 8 >= 2:
       first, second = re.fullmatch(r"The pass key is (\d+)\. Again: (\d+)\.", text).groups()
-      assert first == second and lengths[-1] >= 300 - 2  # as many digits as fit
+      assert first == second and len(first) >= KEY_DIGITS
+      repeated.append(len(first))
       continue
     haystack, _, asked = text.rpartition("\nWhat ")
     needles = re.findall(r"The pass key of the (\w+) door is (\d+)\. Remember it\. \2 is", haystack)
@@ -135,7 +137,8 @@ def test_passkey_documents_are_fixed_whole_and_answer_themselves(tokenizer):
       assert haystack.count("The grass is green.") >= 1
     else:  # a needle list: nothing but needles, as many as fit
       assert 3 <= len(needles) <= 8 and "grass" not in haystack
-  assert 128 - 32 <= min(lengths) and max(lengths) <= 300
+  assert 128 - 32 <= min(lengths[i] for i in range(18) if i % 8 < 2) and max(lengths) <= 300
+  assert len(set(repeated)) >= len(repeated) - 2  # no fixed distance between a key and its copy
   data = DataConfig(sources=(DataSource("passkey", "passkey"),), seq_len=255, global_batch_size=4)
   batch = next(make_pipeline(data, tokenizer))
   for row in range(4):  # documents shorter than a row start at a row's first token

@@ -2,15 +2,15 @@
 model can be taught retrieval (and the NIAH evaluation shown to measure it).
 
 Documents come in three kinds (by index i % 8), haystacks and lists at a length uniform in
-[min_tokens, max_tokens] tokens (BOS and EOS included), repeats as long as max_tokens allows:
+[min_tokens, max_tokens] tokens (BOS and EOS included), repeats at most max_tokens long:
 - haystacks (i % 8 == 0): a prompt of haystack.py on the pass-key filler followed by its answer,
   1 needle (i % 16 == 0) or 4 needles with 2 asked (i % 16 == 8, when max_tokens allows
   MULTI_NEEDLE_TOKENS), at a depth uniform in [0, 100] percent; after a multi-needle answer the
   other two needles are asked and answered too, so every key of a document is retrieved once;
 - needle lists (i % 8 == 1): needles on distinct doors one after another (as many as fit, at most
   one per door), then the question for one of them and its answer;
-- repeats (the other six of eight): "The pass key is <digits>. Again: <digits>." with as many
-  random digits as fit.
+- repeats (the other six of eight): "The pass key is <digits>. Again: <digits>." with a random
+  count of random digits (from KEY_DIGITS to as many as fit), so no fixed distance finds a copy.
 The lists and repeats are drills: retrieval at short range with many keys to copy per token (a
 haystack has a few copied tokens per hundred).
 
@@ -104,13 +104,14 @@ class PasskeyDocuments(DocumentSource):
         return text
 
   def _repeat(self, rng: np.random.Generator, length: int) -> str:
-    """Random digits stated and repeated, as many as fit in `length` tokens (at least five)."""
+    """Random digits stated and repeated, their count uniform in [KEY_DIGITS, the most that fit in
+    `length` tokens]: the repeat's distance varies, so only content finds what to copy."""
     digits = "".join(str(d) for d in rng.integers(0, 10, 3 * length))
     low, high = KEY_DIGITS, 3 * length  # the digits of the longest text that fits: bisected
     while low < high:
       mid = (low + high + 1) // 2
       low, high = (mid, high) if self._fits(_repeat_text(digits[:mid]), length) else (low, mid - 1)
-    return _repeat_text(digits[:low])
+    return _repeat_text(digits[: rng.integers(KEY_DIGITS, low + 1)])
 
   def _text_within(self, index: int, budget: int, needles: int) -> str:
     """Document `index` built for a prompt of `budget` tokens less the later questions' room."""
