@@ -3,6 +3,7 @@
   python experiments/generate.py --config tiny --prompt "The capital of France is"
   python experiments/generate.py --checkpoint /ckpt/Llama3.1-8B-Instruct \
       --chat '[{"role": "user", "content": "Write a haiku about JAX."}]'
+  python experiments/generate.py --checkpoint /ckpt/Llama3.1-70B-Instruct --mesh tensor=8 ...
 """
 
 import json
@@ -14,8 +15,11 @@ import jax
 from absl import app, flags
 
 import llama3_jax as l3
+from llama3_jax.inference.generate import empty_cache
+from llama3_jax.parallel import make_mesh
+from llama3_jax.parallel.sharding import bytes_per_device
 
-cli.define("checkpoint", "preset", "model", "generation", "sampling")
+cli.define("checkpoint", "preset", "model", "mesh", "generation", "sampling")
 FLAGS = flags.FLAGS
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Plain-text prompt (repeat for a batch).")
 _CHAT = flags.DEFINE_string("chat", None, "A dialog as a JSON list of {role, content} messages.")
@@ -25,9 +29,30 @@ _TOKENIZER = flags.DEFINE_string(
 
 
 def _load_model():
-  """--checkpoint (or --config's random weights) on the default device."""
-  cfg, params = cli.load_model()
-  return cfg, jax.device_put(params)
+  """(config, params, mesh): --checkpoint (or --config's random weights) in their shards on --mesh
+  when given (mesh None: on the default device)."""
+  if not FLAGS.mesh:
+    cfg, params = cli.load_model()
+    return cfg, jax.device_put(params), None
+  mesh = make_mesh(cli.mesh_config())
+  cfg, params = cli.load_model(mesh)
+  return cfg, params, mesh
+
+
+def _print_memory(cfg, params, mesh, prompts):
+  """Parameter and KV cache bytes held by one device of `mesh`, against the whole."""
+  slots = max(len(p) for p in prompts) + FLAGS.max_new_tokens
+  cache = empty_cache(cfg, len(prompts), slots, mesh)
+  for what, tree in (("parameters", params), (f"KV cache ({slots} slots)", cache)):
+    whole = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+    print(f"--- {what}: {_size(bytes_per_device(tree))} per device of {_size(whole)}")
+
+
+def _size(nbytes: int) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+    if nbytes >= scale:
+      return f"{nbytes / scale:.1f} {unit}"
+  return f"{nbytes / 2**10:.1f} KiB"
 
 
 def _tokenizer():
@@ -51,8 +76,10 @@ def _prompt_tokens(tokenizer):
 def main(argv):
   del argv
   tokenizer = _tokenizer()
-  cfg, params = _load_model()
+  cfg, params, mesh = _load_model()
   prompts = _prompt_tokens(tokenizer)
+  if mesh is not None:
+    _print_memory(cfg, params, mesh, prompts)
   sampling = cli.sampling_config()
   start = time.perf_counter()
   outputs = l3.generate(
@@ -63,6 +90,7 @@ def main(argv):
     sampling=sampling,
     stop_ids=tokenizer.stop_ids,
     rng=jax.random.key(FLAGS.seed),
+    mesh=mesh,
   )
   seconds = time.perf_counter() - start
   for prompt, output in zip(prompts, outputs):

@@ -108,9 +108,9 @@ def test_context_parallel_prefill_equals_one_device(impl):
   sharded_params = init_sharded_params(cfg, mesh, jax.random.key(0))
   with mesh_context(mesh):
     cp_logits, cp_cache = run_prefill(cfg, sharded_params, tokens, lengths, empty, context_degree=4)
-    cp_continuation = l3.generate(
-      cfg, sharded_params, prompts, max_new_tokens=8, sampling=greedy, context_degree=4
-    )
+  cp_continuation = l3.generate(
+    cfg, sharded_params, prompts, max_new_tokens=8, sampling=greedy, mesh=mesh
+  )
   np.testing.assert_allclose(np.asarray(cp_logits), np.asarray(logits), rtol=0, atol=1e-5)
   order = load_balanced_order(64, 4)
   for name in ("k", "v", "positions", "segment_ids"):

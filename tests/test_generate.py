@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 import llama3_jax as l3
+from llama3_jax.config import MeshConfig
 from llama3_jax.inference import SamplingConfig, generate, sample
+from llama3_jax.inference.generate import empty_cache
+from llama3_jax.parallel import init_sharded_params, make_mesh
+from llama3_jax.parallel.sharding import bytes_per_device
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,20 @@ def test_generate_rejects_bad_input(model):
     )
   with pytest.raises(ValueError, match="top_p must be in"):
     SamplingConfig(temperature=1.0, top_p=0.0)
+
+
+def test_generation_on_a_tensor_parallel_mesh_gives_one_devices_tokens():
+  """On fsdp=2 x tensor=4 fake devices: the same greedy tokens as one device, each device holding
+  an eighth of the matmul weights and a quarter of the KV cache (kv heads over tensor, half the
+  rows over fsdp)."""
+  cfg = l3.get_config("test-3.1").replace(n_kv_heads=4)
+  prompts = [[5, 17, 300, 42, 9, 11], [77], [400, 401, 402], [3, 1, 4, 1, 5]]
+  expected = generate(cfg, l3.init_params(cfg, jax.random.key(6)), prompts, max_new_tokens=8)
+  mesh = make_mesh(MeshConfig.parse("fsdp=2,tensor=4"))
+  sharded = init_sharded_params(cfg, mesh, jax.random.key(6))
+  assert generate(cfg, sharded, prompts, max_new_tokens=8, mesh=mesh) == expected
+  whole = sum(x.nbytes for x in jax.tree_util.tree_leaves(sharded))
+  assert bytes_per_device(sharded) < whole / 7  # all but the norm scales split 8 ways
+  cache = empty_cache(cfg, len(prompts), 32, mesh)
+  assert cache.k.sharding.shard_shape(cache.k.shape) == (cfg.n_layers, 2, 32, 1, cfg.head_dim)
+  assert bytes_per_device((cache.k, cache.v)) == (cache.k.nbytes + cache.v.nbytes) // 8

@@ -20,7 +20,6 @@ from llama3_jax.config import ModelConfig, SamplingConfig
 from llama3_jax.data.haystack import Haystack, answer_room, asked_count, build_prompt, score
 from llama3_jax.inference.generate import generate
 from llama3_jax.parallel.rules import batch_degree
-from llama3_jax.parallel.sharding import mesh_context
 
 GREEDY = SamplingConfig(temperature=0.0)
 RESULTS_FILE = "results.jsonl"
@@ -30,18 +29,20 @@ HEATMAP_FILE = "heatmap.png"
 def _generate_all(cfg: ModelConfig, params, prompts, max_new_tokens, stop_ids, mesh, batch_size):
   """Greedy responses (token ids) to `prompts`, `batch_size` at a time (the last batch filled with
   copies, so every call has one shape); on `mesh` when given."""
-  context = mesh.shape["context"] if mesh is not None else 1
   out = []
   for start in range(0, len(prompts), batch_size):
     batch = list(prompts[start : start + batch_size])
     real = len(batch)
     batch += [batch[-1]] * (batch_size - real)
-    kwargs = dict(max_new_tokens=max_new_tokens, sampling=GREEDY, stop_ids=stop_ids)
-    if mesh is None:
-      responses = generate(cfg, params, batch, **kwargs)
-    else:
-      with mesh_context(mesh):
-        responses = generate(cfg, params, batch, context_degree=context, **kwargs)
+    responses = generate(
+      cfg,
+      params,
+      batch,
+      max_new_tokens=max_new_tokens,
+      sampling=GREEDY,
+      stop_ids=stop_ids,
+      mesh=mesh,
+    )
     out.extend(responses[:real])
   return out
 

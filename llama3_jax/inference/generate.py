@@ -1,16 +1,19 @@
 """Batched generation with a KV cache: one jitted prefill over the prompts, then a jitted decode loop."""
 
+import contextlib
 import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.inference.sampling import SamplingConfig, sample
 from llama3_jax.model import KVCache, Transformer
 from llama3_jax.parallel.context import load_balanced_order, reorder_for_context
+from llama3_jax.parallel.sharding import mesh_context
 
 NOT_GENERATED = -1
 
@@ -125,7 +128,7 @@ def decode_tokens(
 
   def next_token(state):
     step, token_B, done, out_BN, cache, rng = state
-    logits_BV, cache = decode_step(cfg, params, token_B, lengths_B + step, cache)
+    logits_BV, cache = decode_step(cfg, params, token_B, lengths_B + step, cache.constrained())
     rng, step_rng = jax.random.split(rng)
     token_B = sample(logits_BV, step_rng, sampling)
     out_BN = out_BN.at[:, step + 1].set(jnp.where(done, NOT_GENERATED, token_B))
@@ -133,6 +136,14 @@ def decode_tokens(
 
   state = (jnp.int32(0), first_B, jnp.isin(first_B, stop_ids), out_BN, cache, rng)
   return jax.lax.while_loop(keep_going, next_token, state)[3]
+
+
+def empty_cache(cfg: ModelConfig, batch: int, slots: int, mesh: Optional[Mesh] = None) -> KVCache:
+  """An empty cache of `slots` slots per row, placed in its shards on `mesh` as generation holds it
+  (KVCache.CACHE_KV_AXES)."""
+  make = jax.jit(lambda: KVCache.empty(cfg, batch, slots).constrained())
+  with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+    return make()
 
 
 @functools.partial(
@@ -153,7 +164,7 @@ def generate_tokens(
   """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED.
   `context_degree`: see `prefill`."""
   batch, length = tokens_BP.shape
-  cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1)
+  cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1).constrained()
   logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache, context_degree)
   return decode_tokens(
     cfg,
@@ -177,10 +188,15 @@ def generate(
   sampling: SamplingConfig = SamplingConfig(),
   stop_ids: Sequence[int] = (),
   rng: Optional[jax.Array] = None,
-  context_degree: int = 1,
+  mesh: Optional[Mesh] = None,
 ) -> List[List[int]]:
   """New tokens for each prompt, up to `max_new_tokens`, ending before the first stop token.
-  `context_degree`: the `context` degree of the mesh it runs on (see `prefill`)."""
+
+  On `mesh` (params placed in their shards, e.g. by `init_sharded_params` or `load_checkpoint(...,
+  mesh=)`) the model runs under the mesh's logical rules: weights and KV cache in shards (kv
+  heads over `tensor`), rows over `data` / `fsdp`, prompts prefilled with context parallelism
+  over `context`; the tokens are those of one device."""
+  context_degree = mesh.shape["context"] if mesh is not None else 1
   check_prompts(prompts, cfg.vocab_size)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -197,19 +213,20 @@ def generate(
   limit = cfg.max_seq_len - max_new_tokens + 1
   tokens, lengths = pad_prompts(prompts, padded_length(longest, limit, 16 * context_degree))
   stops = sorted(set(check_token_ids(list(stop_ids), "stop_ids", cfg.vocab_size).tolist()))
-  out = np.asarray(
-    generate_tokens(
-      params,
-      jnp.asarray(tokens),
-      jnp.asarray(lengths),
-      jax.random.key(0) if rng is None else rng,
-      cfg=cfg,
-      max_new_tokens=max_new_tokens,
-      sampling=sampling,
-      stop_ids=tuple(stops),
-      context_degree=context_degree,
+  with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+    out = np.asarray(
+      generate_tokens(
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        jax.random.key(0) if rng is None else rng,
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_ids=tuple(stops),
+        context_degree=context_degree,
+      )
     )
-  )
   results = []
   for row in out:
     kept = []

@@ -1,9 +1,15 @@
 """The key/value cache for incremental decoding, a pytree passed in and returned explicitly."""
 
+import flax.linen as nn
 import flax.struct
 import jax.numpy as jnp
 
 from llama3_jax.config import ModelConfig
+
+
+# k and v: kv heads over `tensor` like the key/value projections that fill them, rows over the
+# batch axes; the layer and slot axes stay whole.
+CACHE_KV_AXES = (None, "batch", "kv_length", "act_kv_heads", "act_head_dim")
 
 
 @flax.struct.dataclass
@@ -35,6 +41,12 @@ class KVCache:
       segment_ids=jnp.zeros((batch, slots), jnp.int32),
       index=jnp.zeros((), jnp.int32),
     )
+
+  def constrained(self) -> "KVCache":
+    """The cache with k and v placed by CACHE_KV_AXES under the active logical rules (a no-op
+    without them)."""
+    k, v = (nn.with_logical_constraint(x, CACHE_KV_AXES) for x in (self.k, self.v))
+    return self.replace(k=k, v=v)
 
   @property
   def slots(self) -> int:

@@ -64,3 +64,14 @@ def shard_params(
   """Places host (e.g. converted checkpoint) parameters of `module(cfg)` onto the mesh, leaf by
   leaf."""
   return jax.tree.map(jax.device_put, params, param_shardings(cfg, mesh, module))
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of the arrays of `tree` held by one device (the first device's shards)."""
+  device = jax.devices()[0]
+  return sum(
+    shard.data.nbytes
+    for leaf in jax.tree_util.tree_leaves(tree)
+    for shard in leaf.addressable_shards
+    if shard.device == device
+  )
