@@ -1,6 +1,7 @@
 """The experiment binaries end to end, as a user runs them, against the library called in-process."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ import llama3_jax as l3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(binary, *flags):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+def _run(binary, *flags, devices=1):
+  xla_flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
   result = subprocess.run(
     [sys.executable, os.path.join(REPO, "experiments", binary), *flags],
     capture_output=True,
@@ -39,16 +41,25 @@ def test_generate_binary_greedy_completion_equals_library(tmp_path):
     max_new_tokens=6,
     stop_ids=tokenizer.stop_ids,
   )
-  stdout = _run(
-    "generate.py",
+  flags = (
     f"--checkpoint={checkpoint}",
     f"--prompt={prompt}",
     "--temperature=0",
     "--max_new_tokens=6",
   )
-  completion = stdout.split("--- completion")[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
-  assert completion == tokenizer.decode(expected)
-  assert f"--- completion ({len(expected)} tokens)" in stdout
+  for stdout in (
+    _run("generate.py", *flags),
+    _run("generate.py", *flags, "--mesh=tensor=2", devices=2),
+  ):
+    completion = stdout.split("--- completion")[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
+    assert completion == tokenizer.decode(expected)
+    assert f"--- completion ({len(expected)} tokens)" in stdout
+  held = re.findall(
+    r"--- (parameters|KV cache).*: ([\d.]+) (\w+) per device of ([\d.]+) (\w+)", stdout
+  )
+  assert [h[0] for h in held] == ["parameters", "KV cache"]
+  for _, part, part_unit, whole, whole_unit in held:  # tensor=2 halves the weights and kv heads
+    assert part_unit == whole_unit and 0.45 < float(part) / float(whole) < 0.55
 
 
 def test_convert_binary_orbax_to_hf_keeps_every_tensor(tmp_path):
