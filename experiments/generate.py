@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 
 import llama3_jax as l3
-from llama3_jax.inference.generate import empty_cache
+from llama3_jax.inference.generate import empty_cache, prompt_slots
 from llama3_jax.parallel import make_mesh
 from llama3_jax.parallel.sharding import bytes_per_device
 
@@ -41,7 +41,9 @@ def _load_model():
 
 def _print_memory(cfg, params, mesh, prompts):
   """Parameter and KV cache bytes held by one device of `mesh`, against the whole."""
-  slots = max(len(p) for p in prompts) + FLAGS.max_new_tokens
+  longest = max(len(p) for p in prompts)
+  slots = prompt_slots(cfg, longest, FLAGS.max_new_tokens, mesh.shape["context"])
+  slots += FLAGS.max_new_tokens - 1
   cache = empty_cache(cfg, len(prompts), slots, mesh)
   for what, tree in (("parameters", params), (f"KV cache ({slots} slots)", cache)):
     whole = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))

@@ -1,6 +1,5 @@
 """Batched generation with a KV cache: one jitted prefill over the prompts, then a jitted decode loop."""
 
-import contextlib
 import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -64,6 +63,15 @@ def padded_length(longest: int, limit: int, multiple: int = 16) -> int:
   if power <= limit and power % multiple == 0:
     return power
   return -(-longest // multiple) * multiple
+
+
+def prompt_slots(
+  cfg: ModelConfig, longest: int, max_new_tokens: int, context_degree: int = 1
+) -> int:
+  """The padded prompt length `generate` uses for a longest prompt of `longest` tokens (its cache
+  holds this + max_new_tokens - 1 slots)."""
+  limit = cfg.max_seq_len - max_new_tokens + 1
+  return padded_length(longest, limit, 16 * context_degree)
 
 
 def prefill(
@@ -142,7 +150,7 @@ def empty_cache(cfg: ModelConfig, batch: int, slots: int, mesh: Optional[Mesh] =
   """An empty cache of `slots` slots per row, placed in its shards on `mesh` as generation holds it
   (KVCache.CACHE_KV_AXES)."""
   make = jax.jit(lambda: KVCache.empty(cfg, batch, slots).constrained())
-  with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+  with mesh_context(mesh):
     return make()
 
 
@@ -210,10 +218,9 @@ def generate(
       f"Longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
       f"model's max_seq_len {cfg.max_seq_len}"
     )
-  limit = cfg.max_seq_len - max_new_tokens + 1
-  tokens, lengths = pad_prompts(prompts, padded_length(longest, limit, 16 * context_degree))
+  tokens, lengths = pad_prompts(prompts, prompt_slots(cfg, longest, max_new_tokens, context_degree))
   stops = sorted(set(check_token_ids(list(stop_ids), "stop_ids", cfg.vocab_size).tolist()))
-  with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+  with mesh_context(mesh):
     out = np.asarray(
       generate_tokens(
         params,

@@ -14,9 +14,12 @@ from llama3_jax.parallel.rules import LOGICAL_AXIS_RULES, check_divisibility, me
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh):
+def mesh_context(mesh: Optional[Mesh]):
   """Trace and run under `mesh` with its logical rules (`mesh_rules`) active, so the model's
-  activation constraints (`nn.with_logical_constraint`) take effect."""
+  activation constraints (`nn.with_logical_constraint`) take effect; None: as it is (no mesh)."""
+  if mesh is None:
+    yield
+    return
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules(mesh)):
     yield
 
@@ -46,7 +49,7 @@ def create_sharded(
   """`nn.unbox(make(rng))` computed by XLA, each device creating only its shards (`shardings` on
   `mesh`; on the default device when `mesh` is None): no device ever holds the whole tree."""
   create = jax.jit(lambda r: nn.unbox(make(r)), out_shardings=shardings)
-  with contextlib.nullcontext() if mesh is None else mesh_context(mesh):
+  with mesh_context(mesh):
     return create(rng)
 
 
@@ -67,8 +70,8 @@ def shard_params(
 
 
 def bytes_per_device(tree) -> int:
-  """Bytes of the arrays of `tree` held by one device (the first device's shards)."""
-  device = jax.devices()[0]
+  """Bytes of the arrays of `tree` held by one device (this process's first device's shards)."""
+  device = jax.local_devices()[0]
   return sum(
     shard.data.nbytes
     for leaf in jax.tree_util.tree_leaves(tree)
