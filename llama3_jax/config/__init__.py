@@ -2,6 +2,7 @@
 
 from llama3_jax.config.model_config import (
   COMPUTE_FIELDS,
+  LayerSegment,
   ModelConfig,
   RopeScaling,
   architecture_differences,

@@ -12,6 +12,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # xla for short ones (model/attention.py).
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "flash", "splash", "gpu_flash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "offload")
+# None: every weight in `param_dtype`. fp8: the paper's serving quantization (Sec. 6.2): the
+# feed-forward weights of every layer but the first and the last in e4m3 with a float32 scale per
+# output channel, their inputs quantized per token at run time (model/fp8.py).
+QUANTIZATIONS = (None, "fp8")
 # Fields that change how a model computes, not what its parameters are: checkpoints that differ
 # only in these hold the same architecture (a run may resume across them; models average).
 COMPUTE_FIELDS = (
@@ -69,12 +73,25 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerSegment:
+  """Consecutive decoder layers `start`..`start + count - 1` scanned as one stack under parameter
+  name `name` (leading axis `count`); `fp8`: their feed-forward weights are quantized."""
+
+  name: str
+  start: int
+  count: int
+  fp8: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigBase):
   """A Llama 3 dense decoder.
 
   `dtype` is the compute dtype of matmuls; norms, softmax and RoPE run in float32.
   `param_dtype` is the storage dtype of parameters. `attention_block_q` / `attention_block_kv`
   are the query and key tile sizes (tokens) of the block-wise attention kernels.
+  `quantization` (QUANTIZATIONS) changes the parameters; `fp8_activation_scale_ub` is the
+  largest activation row maximum an fp8 model's scales take (larger values are clipped to it).
   """
 
   name: str
@@ -95,6 +112,8 @@ class ModelConfig(ConfigBase):
   attention_block_q: int = 512
   attention_block_kv: int = 512
   remat_policy: str = "none"
+  quantization: Optional[str] = None
+  fp8_activation_scale_ub: float = 1200.0
 
   def __post_init__(self):
     for field in (
@@ -134,10 +153,35 @@ class ModelConfig(ConfigBase):
       raise ValueError(
         f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}"
       )
+    if self.quantization not in QUANTIZATIONS:
+      raise ValueError(
+        f"ModelConfig.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+      )
+    if self.quantization == "fp8" and self.n_layers < 3:
+      raise ValueError(
+        f"ModelConfig.quantization='fp8' keeps the first and last layers unquantized, so it needs "
+        f"n_layers >= 3, got {self.n_layers}"
+      )
+    if not self.fp8_activation_scale_ub > 0:
+      raise ValueError(
+        f"ModelConfig.fp8_activation_scale_ub must be > 0, got {self.fp8_activation_scale_ub}"
+      )
 
   @property
   def head_dim(self) -> int:
     return self.dim // self.n_heads
+
+  def layer_segments(self) -> Tuple[LayerSegment, ...]:
+    """The decoder layers as scanned stacks, in order: one stack `layers`, or with fp8 the
+    unquantized `first_layer` and `last_layer` around the quantized `layers`."""
+    if self.quantization is None:
+      return (LayerSegment("layers", 0, self.n_layers),)
+    last = self.n_layers - 1
+    return (
+      LayerSegment("first_layer", 0, 1),
+      LayerSegment("layers", 1, last - 1, fp8=True),
+      LayerSegment("last_layer", last, 1),
+    )
 
   @classmethod
   def _from_fields(cls, fields: dict) -> dict:

@@ -78,6 +78,15 @@ class ConfigFile:
       raise self._bad(key, "a string", value)
     return value
 
+  def texts(self, key: str, default=_REQUIRED) -> list:
+    """A list of strings."""
+    value = self._get(key, default)
+    if value is not default and (
+      not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+    ):
+      raise self._bad(key, "a list of strings", value)
+    return value
+
   def section(self, *keys: str) -> "ConfigFile":
     """The first of `keys` holding an object (empty when none does)."""
     for key in keys:

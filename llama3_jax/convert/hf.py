@@ -12,6 +12,12 @@ from absl import logging
 
 from llama3_jax.config import ModelConfig, RopeScaling
 from llama3_jax.convert.config_files import ConfigFile, build, read_json_object
+from llama3_jax.convert.hf_fp8 import (
+  SAFETENSORS_E4M3,
+  fp8_config_to_hf,
+  fp8_fields_from_hf,
+  read_e4m3,
+)
 from llama3_jax.convert.layout import (
   assemble_params,
   check_all_used,
@@ -37,7 +43,8 @@ def is_hf_checkpoint(path: str) -> bool:
 
 def config_from_hf(hf: Dict, source: str = CONFIG_FILE, **overrides) -> ModelConfig:
   """ModelConfig from a Hugging Face LlamaConfig dict (old `rope_scaling` or new
-  `rope_parameters`) read from the file `source`, which every error names with the key."""
+  `rope_parameters`; an fbgemm_fp8 `quantization_config`) read from the file `source`, which
+  every error names with the key."""
   values = ConfigFile(hf, source)
   model_type = values.text("model_type", "llama")
   if model_type != "llama":
@@ -77,13 +84,15 @@ def config_from_hf(hf: Dict, source: str = CONFIG_FILE, **overrides) -> ModelCon
     rope_scaling=scaling,
     tie_embeddings=values.boolean("tie_word_embeddings", False),
     max_seq_len=values.count("max_position_embeddings", 8192),
+    **fp8_fields_from_hf(hf, source, values.count("num_hidden_layers")),
   )
   fields.update(overrides)
   return build(ModelConfig, source, **fields)
 
 
 def config_to_hf(cfg: ModelConfig) -> Dict:
-  """A LlamaConfig dict in the layout of Meta's published config.json files."""
+  """A LlamaConfig dict in the layout of Meta's published config.json files (fp8 models: that of
+  Meta's FP8 release)."""
   hf = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -105,6 +114,8 @@ def config_to_hf(cfg: ModelConfig) -> Dict:
     "bos_token_id": LLAMA3_BOS_ID,
     "eos_token_id": LLAMA3_EOS_IDS,
   }
+  if cfg.quantization is not None:
+    hf["quantization_config"] = fp8_config_to_hf(cfg)
   if cfg.rope_scaling is not None:
     hf["rope_scaling"] = {
       "rope_type": "llama3",
@@ -165,6 +176,8 @@ def load_hf(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
     cfg = config_from_hf(hf_config, config_file, **overrides)
 
     def read(name: str):
+      if handle(name).get_slice(name).get_dtype() == SAFETENSORS_E4M3:
+        return read_e4m3(files[name], name)
       return handle(name).get_tensor(name)
 
     check_all_used(

@@ -9,9 +9,10 @@ only place that difference is handled.
 import dataclasses
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
-from llama3_jax.config import ModelConfig
+from llama3_jax.config import LayerSegment, ModelConfig
 
 COLUMN_PARALLEL, ROW_PARALLEL = 0, 1
 
@@ -20,7 +21,10 @@ COLUMN_PARALLEL, ROW_PARALLEL = 0, 1
 class TensorSpec:
   """One checkpoint tensor: where it lives in our tree and under which names in the torch formats.
 
-  `meta_shard_axis` is the axis Meta's model-parallel shards split (None: replicated).
+  `path` starts with the layer stack's name for a layer's tensor (`layer` is its index in that
+  stack of `stack` layers). `meta_shard_axis` is the axis Meta's model-parallel shards split
+  (None: replicated). `dtype`: the dtype it is stored in whatever the model's `param_dtype` (fp8
+  values and their float32 scales), None for `param_dtype`.
   """
 
   path: Tuple[str, ...]
@@ -29,10 +33,12 @@ class TensorSpec:
   meta_name: str
   meta_shard_axis: Optional[int]
   rope: bool = False
+  stack: int = 1
+  dtype: Optional[str] = None
 
 
 _LAYER_TENSORS = (
-  # our path under "layers",       HF suffix,                        Meta suffix,           shard axis,  rope
+  # our path in a layer stack,     HF suffix,                        Meta suffix,           shard axis,  rope
   (("attention", "wq"), "self_attn.q_proj.weight", "attention.wq.weight", COLUMN_PARALLEL, True),
   (("attention", "wk"), "self_attn.k_proj.weight", "attention.wk.weight", COLUMN_PARALLEL, True),
   (("attention", "wv"), "self_attn.v_proj.weight", "attention.wv.weight", COLUMN_PARALLEL, False),
@@ -49,6 +55,24 @@ _LAYER_TENSORS = (
   (("attention_norm", "scale"), "input_layernorm.weight", "attention_norm.weight", None, False),
   (("ffn_norm", "scale"), "post_attention_layernorm.weight", "ffn_norm.weight", None, False),
 )
+# Hugging Face's fbgemm_fp8 layout: a quantized linear's `weight` holds e4m3 values [out, in] and
+# `weight_scale` float32 [out, 1]; ours are e4m3 [in, out] and `<name>_scale` [out].
+FP8_VALUES, FP8_SCALES = "float8_e4m3fn", "float32"
+SCALE_SUFFIX = "_scale"
+
+
+def _layer_tensors(segment: LayerSegment, index: int) -> Iterator[TensorSpec]:
+  """The tensors of layer `index` (its place in the model) of `segment`."""
+  layer = index - segment.start
+  for path, hf, meta, axis, rope in _LAYER_TENSORS:
+    names = (f"model.layers.{index}.{hf}", f"layers.{index}.{meta}")
+    fp8 = segment.fp8 and path[0] == "feed_forward"
+    dtype = FP8_VALUES if fp8 else None
+    yield TensorSpec((segment.name,) + path, layer, *names, axis, rope, segment.count, dtype)
+    if fp8:
+      scale_path = (segment.name, path[0], path[1] + SCALE_SUFFIX)
+      scale_names = (name + SCALE_SUFFIX for name in names)
+      yield TensorSpec(scale_path, layer, *scale_names, None, False, segment.count, FP8_SCALES)
 
 
 def tensor_specs(cfg: ModelConfig) -> Iterator[TensorSpec]:
@@ -56,11 +80,9 @@ def tensor_specs(cfg: ModelConfig) -> Iterator[TensorSpec]:
   yield TensorSpec(
     ("embedding",), None, "model.embed_tokens.weight", "tok_embeddings.weight", COLUMN_PARALLEL
   )
-  for i in range(cfg.n_layers):
-    for path, hf, meta, axis, rope in _LAYER_TENSORS:
-      yield TensorSpec(
-        ("layers",) + path, i, f"model.layers.{i}.{hf}", f"layers.{i}.{meta}", axis, rope
-      )
+  for segment in cfg.layer_segments():
+    for index in range(segment.start, segment.start + segment.count):
+      yield from _layer_tensors(segment, index)
   yield TensorSpec(("final_norm", "scale"), None, "model.norm.weight", "norm.weight", None)
   if not cfg.tie_embeddings:
     yield TensorSpec(("output",), None, "lm_head.weight", "output.weight", COLUMN_PARALLEL)
@@ -106,8 +128,11 @@ def check_all_used(
 
 def torch_shape(spec: TensorSpec, cfg: ModelConfig) -> Tuple[int, ...]:
   """Shape of the tensor in the torch checkpoints."""
-  if spec.path[-1] == "scale":
+  name = spec.path[-1]
+  if name == "scale":
     return (cfg.dim,)
+  if name.endswith(SCALE_SUFFIX):
+    return (cfg.dim if name == "w2" + SCALE_SUFFIX else cfg.ffn_dim, 1)
   return {
     "embedding": (cfg.vocab_size, cfg.dim),
     "output": (cfg.vocab_size, cfg.dim),
@@ -118,7 +143,7 @@ def torch_shape(spec: TensorSpec, cfg: ModelConfig) -> Tuple[int, ...]:
     "w1": (cfg.ffn_dim, cfg.dim),
     "w3": (cfg.ffn_dim, cfg.dim),
     "w2": (cfg.dim, cfg.ffn_dim),
-  }[spec.path[-1]]
+  }[name]
 
 
 def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -139,6 +164,8 @@ def from_torch(spec: TensorSpec, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return w.T.reshape(cfg.n_heads, cfg.head_dim, cfg.dim)
   if name in ("w1", "w2", "w3", "output"):
     return w.T
+  if name.endswith(SCALE_SUFFIX):
+    return w[:, 0]
   return w
 
 
@@ -151,14 +178,16 @@ def to_torch(spec: TensorSpec, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     w = w.reshape(-1, cfg.dim).T
   elif name in ("w1", "w2", "w3", "output"):
     w = w.T
+  elif name.endswith(SCALE_SUFFIX):
+    w = w[:, None]
   return np.ascontiguousarray(w)
 
 
 def assemble_params(cfg: ModelConfig, read: Callable[[TensorSpec], np.ndarray], dtype) -> Dict:
   """Our parameter tree for `cfg`, filled tensor by tensor from `read(spec)` (torch layout, half-split).
 
-  Each tensor's shape is checked before it is stored; stacked layer arrays are allocated once, so
-  host memory stays near the size of the result.
+  Each tensor's shape is checked before it is stored, in `dtype` (fp8 tensors in theirs); stacked
+  layer arrays are allocated once, so host memory stays near the size of the result.
   """
   params: Dict = {}
   for spec in tensor_specs(cfg):
@@ -173,11 +202,12 @@ def assemble_params(cfg: ModelConfig, read: Callable[[TensorSpec], np.ndarray], 
     node = params
     for key in spec.path[:-1]:
       node = node.setdefault(key, {})
+    stored = jnp.dtype(spec.dtype or dtype)
     if spec.layer is None:
-      node[spec.path[-1]] = ours.astype(dtype)
+      node[spec.path[-1]] = ours.astype(stored)
     else:
       if spec.path[-1] not in node:
-        node[spec.path[-1]] = np.empty((cfg.n_layers,) + ours.shape, dtype)
+        node[spec.path[-1]] = np.empty((spec.stack,) + ours.shape, stored)
       node[spec.path[-1]][spec.layer] = ours
   return params
 

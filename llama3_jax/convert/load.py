@@ -39,6 +39,12 @@ def load_checkpoint(
   fields (e.g. `dtype="float32"`); `rope_scaling_factor` applies only to Meta checkpoints, whose
   params.json does not record it.
   """
+  if "quantization" in overrides:
+    raise ValueError(
+      "quantization is not a load override: a checkpoint is quantized or not. Load it as it is "
+      "and quantize it with llama3_jax.inference.quantize.quantize_params (or a binary's "
+      "--quantize flag)"
+    )
   checkpoint_format = detect(path)
   options = {} if rope_scaling_factor is None else {"rope_scaling_factor": rope_scaling_factor}
   for option in options:

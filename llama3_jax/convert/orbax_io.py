@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,22 +139,23 @@ def _stored(
 
 def _restore(stored: _Stored, mesh: Optional[Mesh], overrides: Dict) -> Tuple[ModelConfig, Dict]:
   """(config with `overrides`, params) of `stored` after checking its tree against the config:
-  numpy arrays in the config's `param_dtype`, or arrays placed in their shards on `mesh`."""
+  numpy arrays in the config's dtypes, or arrays placed in their shards on `mesh`."""
   try:
     cfg = ModelConfig.from_dict(stored.cfg_dict)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{stored.what} records a model config that is not valid: {e}") from None
   cfg = cfg.replace(**overrides)
   stored.spec.check(cfg, stored.tree, stored.what)
-  dtype = jnp.dtype(cfg.param_dtype)
+  # Each leaf in the config's dtype for it: `param_dtype`, or an fp8 model's e4m3 and scales.
+  expected = nn.unbox(stored.spec.param_shapes(cfg))
   if mesh is None:
     restore_args = jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored.tree
+      lambda leaf: ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype), expected
     )
   else:
     restore_args = jax.tree.map(
-      lambda _, sharding: ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype),
-      stored.tree,
+      lambda leaf, sharding: ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf.dtype),
+      expected,
       stored.spec.shardings(cfg, mesh),
     )
   with ocp.PyTreeCheckpointer() as checkpointer:

@@ -20,6 +20,11 @@ ACTIVATION_SCALE_UB = 1200.0  # the paper's upper bound on activation row maxima
 SCALE_EPS = 1e-12  # the least row maximum (an all-zero row gets this scale)
 
 
+def to_e4m3(x: jnp.ndarray) -> jnp.ndarray:
+  """`x` clipped to +-448 and rounded to the nearest e4m3 value (ties to even)."""
+  return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
 def quantize_rows(
   x: jnp.ndarray, axis: int = -1, scale_ub: Optional[float] = None
 ) -> Tuple[jnp.ndarray, jnp.ndarray]:
@@ -29,8 +34,9 @@ def quantize_rows(
   row_max = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   row_max = jnp.clip(row_max, SCALE_EPS, scale_ub) if scale_ub else jnp.maximum(row_max, SCALE_EPS)
   inverse = E4M3_MAX / row_max
-  values = jnp.clip(x * inverse, -E4M3_MAX, E4M3_MAX).astype(E4M3)
-  return values, jnp.squeeze(1.0 / inverse, axis)
+  # The barrier keeps XLA from folding 1 / (448 / max) into max * (1 / 448), an ulp off at times.
+  scales = 1.0 / jax.lax.optimization_barrier(inverse)
+  return to_e4m3(x * inverse), jnp.squeeze(scales, axis)
 
 
 def dequantize_rows(values: jnp.ndarray, scales: jnp.ndarray, axis: int = -1) -> jnp.ndarray:

@@ -10,7 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llama3_jax.config import ModelConfig
 from llama3_jax.model.attention import Attention
 from llama3_jax.model.kv_cache import KVCache
-from llama3_jax.model.layers import FeedForward, RMSNorm, declare
+from llama3_jax.model.layers import FeedForward, FP8FeedForward, RMSNorm, declare
 from llama3_jax.model.masks import AttentionMask
 
 LAYER_INPUT = "decoder_layer_input"
@@ -30,9 +30,11 @@ ACT_BTD = ("batch", "length", "act_embed")
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm attention then pre-norm SwiGLU, each with a residual connection."""
+  """Pre-norm attention then pre-norm SwiGLU, each with a residual connection; `fp8`: the
+  SwiGLU's weights are quantized (FP8FeedForward)."""
 
   cfg: ModelConfig
+  fp8: bool = False
 
   @nn.compact
   def __call__(self, carry, layer_index, positions_BT, mask: AttentionMask, cache_index):
@@ -48,7 +50,8 @@ class DecoderLayer(nn.Module):
       cache_index,
     )
     x_BTD = nn.with_logical_constraint(x_BTD + attn_out, ACT_BTD)
-    x_BTD = x_BTD + FeedForward(self.cfg, name="feed_forward")(
+    feed_forward = FP8FeedForward if self.fp8 else FeedForward
+    x_BTD = x_BTD + feed_forward(self.cfg, name="feed_forward")(
       RMSNorm(self.cfg, name="ffn_norm")(x_BTD)
     )
     return (nn.with_logical_constraint(x_BTD, ACT_BTD), cache_kv), None
@@ -137,7 +140,10 @@ class Transformer(nn.Module):
     self.embedding = declare(
       self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, cast=False
     )
-    self.layers = _scanned_layers(cfg, cfg.n_layers)(cfg)
+    self.segments = tuple(
+      _scanned_layers(cfg, segment.count)(cfg, fp8=segment.fp8, name=segment.name)
+      for segment in cfg.layer_segments()
+    )
     self.final_norm = RMSNorm(cfg)
     if self.lm_head and not cfg.tie_embeddings:
       self.output = declare(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -161,13 +167,19 @@ class Transformer(nn.Module):
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.output, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
 
+  def _decoder(self, x_BTD, cache_kv, positions_BT, mask: AttentionMask, cache_index):
+    """Every decoder layer, stack by stack (the config's layer segments): -> (x, cache_kv)."""
+    carry = (x_BTD, cache_kv)
+    for segment, stack in zip(self.cfg.layer_segments(), self.segments):
+      layer_indices = jnp.arange(segment.start, segment.start + segment.count)
+      carry, _ = stack(carry, layer_indices, positions_BT, mask, cache_index)
+    return carry
+
   def hidden(self, tokens, positions=None, segment_ids=None, branch_ids=None):
     """The last layer's output [B, T, D] before the final norm (what `head` takes), no cache."""
     positions, segment_ids = _default_inputs(tokens, positions, segment_ids, branch_ids)
     mask = AttentionMask.self_attention(positions, segment_ids, branch_ids, self.context_order)
-    (x_BTD, _), _ = self.layers(
-      (self.embed(tokens), None), jnp.arange(self.cfg.n_layers), positions, mask, None
-    )
+    x_BTD, _ = self._decoder(self.embed(tokens), None, positions, mask, None)
     return x_BTD
 
   def features(self, tokens, positions=None, segment_ids=None, branch_ids=None):
@@ -183,7 +195,6 @@ class Transformer(nn.Module):
     logits_at=None,
     branch_ids=None,
   ):
-    cfg = self.cfg
     start = 0 if cache is None else cache.index
     positions, segment_ids = _default_inputs(
       tokens, positions, segment_ids, branch_ids, start=start
@@ -208,9 +219,7 @@ class Transformer(nn.Module):
       cache_kv = (cache.k, cache.v)
       mask = AttentionMask.over_cache(positions, segment_ids, kv_positions, kv_segment_ids)
 
-    (x_BTD, cache_kv), _ = self.layers(
-      (self.embed(tokens), cache_kv), jnp.arange(cfg.n_layers), positions, mask, cache_index
-    )
+    x_BTD, cache_kv = self._decoder(self.embed(tokens), cache_kv, positions, mask, cache_index)
     if logits_at is not None:
       x_BTD = x_BTD[jnp.arange(batch), logits_at][:, None]
     logits_BTV = self.head(x_BTD)

@@ -56,6 +56,11 @@ class Layout:
     """The Layout of `model` and `train` on `mesh` (a MeshConfig: over all devices). The pipeline
     micro-batches default to the stages; the head's rows go over the pipeline ranks too when the
     micro-batches are a multiple of the stages, so that every batch `check_batch` accepts splits."""
+    if model.quantization is not None:
+      raise ValueError(
+        f"The model {model.name} is quantized ({model.quantization}), which is for inference: "
+        "train the unquantized model and quantize it afterwards"
+      )
     if isinstance(mesh, MeshConfig):
       mesh = make_mesh(mesh)
     stages = mesh.shape["pipeline"]
