@@ -26,7 +26,8 @@ from llama3_jax.config import (
   parse_ramp,
 )
 from llama3_jax.config.model_config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
-from llama3_jax.convert import checkpoint_or_preset
+from llama3_jax.convert import checkpoint_or_preset, save_hf, save_orbax
+from llama3_jax.inference.quantize import quantize_params
 from llama3_jax.train.checkpointing import CheckpointSaveError
 from llama3_jax.train.fit import FitPolicy
 
@@ -295,6 +296,26 @@ _GROUPS = {
   "output": [
     (flags.DEFINE_string, "output", None, "Write the result here.", {}),
   ],
+  "format": [
+    (
+      flags.DEFINE_enum,
+      "to",
+      None,
+      "Checkpoint format to write at --output: hf (safetensors; fp8 models in fbgemm_fp8, as "
+      "Meta's FP8 release) or orbax (ours).",
+      {"enum_values": ["hf", "orbax"]},
+    ),
+  ],
+  "quantize": [
+    (
+      flags.DEFINE_enum,
+      "quantize",
+      None,
+      "Quantize the model after loading. fp8: the paper's serving quantization, the "
+      "feed-forward weights of every layer but the first and last in e4m3 with row-wise scales.",
+      {"enum_values": ["fp8"]},
+    ),
+  ],
 }
 
 
@@ -347,6 +368,31 @@ def load_model(mesh=None, **overrides) -> Tuple[ModelConfig, Dict]:
   given."""
   overrides = {**model_overrides("attention_impl", "dtype"), **overrides}
   return checkpoint_or_preset(FLAGS.checkpoint, FLAGS.config, FLAGS.seed, mesh, **overrides)
+
+
+def quantized(cfg: ModelConfig, params: Dict, mesh=None) -> Tuple[ModelConfig, Dict]:
+  """The model quantized as --quantize asks (placed on `mesh` when given), or as it is."""
+  if FLAGS.quantize is None:
+    return cfg, params
+  return quantize_params(cfg, params, mesh)
+
+
+def save_model(cfg: ModelConfig, params: Dict) -> None:
+  """Writes the model at --output (a new or empty directory) in the --to format."""
+  if FLAGS.to == "hf":
+    save_hf(FLAGS.output, cfg, params)
+  else:
+    save_orbax(FLAGS.output, cfg, params)
+  logging.info(
+    "Wrote %s (%s) in %s format to %s", cfg.name, cfg.param_dtype, FLAGS.to, FLAGS.output
+  )
+
+
+def check_output_is_new() -> None:
+  """A usage error, before any work, when --output exists and is not an empty directory."""
+  output = FLAGS.output
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise app.UsageError(f"--output {output} exists and is not an empty directory")
 
 
 def sampling_config() -> "l3.SamplingConfig":

@@ -4,6 +4,8 @@
   python experiments/generate.py --checkpoint /ckpt/Llama3.1-8B-Instruct \
       --chat '[{"role": "user", "content": "Write a haiku about JAX."}]'
   python experiments/generate.py --checkpoint /ckpt/Llama3.1-70B-Instruct --mesh tensor=8 ...
+  python experiments/generate.py --checkpoint /ckpt/Llama3.1-405B-Instruct --mesh pipeline=2,tensor=8 ...
+  python experiments/generate.py --checkpoint /ckpt/Llama3.1-8B-Instruct --quantize fp8 ...
 """
 
 import json
@@ -15,11 +17,11 @@ import jax
 from absl import app, flags
 
 import llama3_jax as l3
-from llama3_jax.inference.generate import empty_cache, prompt_slots
+from llama3_jax.inference.generate import empty_cache, generation_rows, prompt_slots
 from llama3_jax.parallel import make_mesh
 from llama3_jax.parallel.sharding import bytes_per_device
 
-cli.define("checkpoint", "preset", "model", "mesh", "generation", "sampling")
+cli.define("checkpoint", "preset", "model", "mesh", "quantize", "generation", "sampling")
 FLAGS = flags.FLAGS
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Plain-text prompt (repeat for a batch).")
 _CHAT = flags.DEFINE_string("chat", None, "A dialog as a JSON list of {role, content} messages.")
@@ -29,13 +31,13 @@ _TOKENIZER = flags.DEFINE_string(
 
 
 def _load_model():
-  """(config, params, mesh): --checkpoint (or --config's random weights) in their shards on --mesh
-  when given (mesh None: on the default device)."""
+  """(config, params, mesh): --checkpoint (or --config's random weights), quantized as --quantize
+  asks, in their shards on --mesh when given (mesh None: on the default device)."""
   if not FLAGS.mesh:
-    cfg, params = cli.load_model()
+    cfg, params = cli.quantized(*cli.load_model())
     return cfg, jax.device_put(params), None
   mesh = make_mesh(cli.mesh_config())
-  cfg, params = cli.load_model(mesh)
+  cfg, params = cli.quantized(*cli.load_model(mesh), mesh)
   return cfg, params, mesh
 
 
@@ -44,7 +46,7 @@ def _print_memory(cfg, params, mesh, prompts):
   longest = max(len(p) for p in prompts)
   slots = prompt_slots(cfg, longest, FLAGS.max_new_tokens, mesh.shape["context"])
   slots += FLAGS.max_new_tokens - 1
-  cache = empty_cache(cfg, len(prompts), slots, mesh)
+  cache = empty_cache(cfg, generation_rows(len(prompts), mesh), slots, mesh)
   for what, tree in (("parameters", params), (f"KV cache ({slots} slots)", cache)):
     whole = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
     print(f"--- {what}: {_size(bytes_per_device(tree))} per device of {_size(whole)}")

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 import llama3_jax as l3
+from llama3_jax.inference.quantize import quantize_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,19 +48,27 @@ def test_generate_binary_greedy_completion_equals_library(tmp_path):
     "--temperature=0",
     "--max_new_tokens=6",
   )
-  for stdout in (
-    _run("generate.py", *flags),
-    _run("generate.py", *flags, "--mesh=tensor=2", devices=2),
+  # Share of the parameters and of the KV cache that one device holds: tensor=2 halves the weights
+  # and kv heads; pipeline=2 x tensor=2 quarters the cache (layers in two stages) and the layer
+  # weights, but tiny's parameters are mostly its embedding, split over tensor only.
+  units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+  for mesh_flags, devices, held_shares in (
+    ((), 1, None),
+    (("--mesh=tensor=2",), 2, {"parameters": (0.45, 0.55), "KV cache": (0.45, 0.55)}),
+    (("--mesh=pipeline=2,tensor=2",), 4, {"parameters": (0.4, 0.5), "KV cache": (0.24, 0.26)}),
   ):
+    stdout = _run("generate.py", *flags, *mesh_flags, devices=devices)
     completion = stdout.split("--- completion")[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
     assert completion == tokenizer.decode(expected)
     assert f"--- completion ({len(expected)} tokens)" in stdout
-  held = re.findall(
-    r"--- (parameters|KV cache).*: ([\d.]+) (\w+) per device of ([\d.]+) (\w+)", stdout
-  )
-  assert [h[0] for h in held] == ["parameters", "KV cache"]
-  for _, part, part_unit, whole, whole_unit in held:  # tensor=2 halves the weights and kv heads
-    assert part_unit == whole_unit and 0.45 < float(part) / float(whole) < 0.55
+    held = re.findall(
+      r"--- (parameters|KV cache).*: ([\d.]+) (\w+) per device of ([\d.]+) (\w+)", stdout
+    )
+    assert [h[0] for h in held] == list(held_shares or ())
+    for what, part, part_unit, whole, whole_unit in held:
+      share = float(part) * units[part_unit] / (float(whole) * units[whole_unit])
+      low, high = held_shares[what]
+      assert low < share < high, (mesh_flags, what, share)
 
 
 def test_convert_binary_orbax_to_hf_keeps_every_tensor(tmp_path):
@@ -71,3 +80,35 @@ def test_convert_binary_orbax_to_hf_keeps_every_tensor(tmp_path):
   # Hugging Face configs carry neither our preset name nor a compute dtype.
   assert loaded_cfg.replace(name=cfg.name, dtype=cfg.dtype) == cfg
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+
+
+def test_quantize_binary_writes_fbgemm_fp8_and_generate_quantizes_at_load_alike(tmp_path):
+  """quantize.py writes our fp8 quantization in the fbgemm_fp8 layout (bit for bit); greedy
+  tokens of that checkpoint (library) equal generate.py --quantize fp8 on the original."""
+  cfg = l3.get_config("tiny", n_layers=3)
+  params = l3.init_params(cfg, jax.random.key(13))
+  l3.save_orbax(str(tmp_path / "ours"), cfg, params)
+  out = tmp_path / "fp8"
+  _run("quantize.py", f"--checkpoint={tmp_path / 'ours'}", f"--output={out}", "--to=hf")
+  fp8_cfg, loaded = l3.load_checkpoint(str(out), dtype=cfg.dtype)
+  _, expected_params = quantize_params(cfg, params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected_params), loaded)
+  tokenizer = l3.Tokenizer.default()
+  prompt = "Row-wise scales keep outliers apart."
+  [expected] = l3.generate(
+    fp8_cfg,
+    loaded,
+    [tokenizer.encode(prompt, bos=True, eos=False)],
+    max_new_tokens=6,
+    stop_ids=tokenizer.stop_ids,
+  )
+  stdout = _run(
+    "generate.py",
+    f"--checkpoint={tmp_path / 'ours'}",
+    "--quantize=fp8",
+    f"--prompt={prompt}",
+    "--temperature=0",
+    "--max_new_tokens=6",
+  )
+  completion = stdout.split("--- completion")[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
+  assert completion == tokenizer.decode(expected)

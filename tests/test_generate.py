@@ -134,3 +134,25 @@ def test_generation_on_a_tensor_parallel_mesh_gives_one_devices_tokens():
   cache = empty_cache(cfg, len(prompts), 32, mesh)
   assert cache.k.sharding.shard_shape(cache.k.shape) == (cfg.n_layers, 2, 32, 1, cfg.head_dim)
   assert bytes_per_device((cache.k, cache.v)) == (cache.k.nbytes + cache.v.nbytes) // 8
+
+
+def test_pipelined_generation_gives_one_devices_tokens_with_layers_and_cache_split_over_stages():
+  """On pipeline=2 x fsdp=2 x tensor=2 fake devices (paper Sec. 6.1: layers in stages, prefill
+  and decode micro-batched): the same greedy tokens as one device for 3 prompts (padded to the 4
+  rows that split into 2 micro-batches over 2 batch shards); each device holds an eighth of the
+  matmul weights and of the KV cache (its stage's layers, its kv heads, its rows)."""
+  cfg = l3.get_config("test-3.1").replace(n_kv_heads=4, n_layers=4)
+  prompts = [[5, 17, 300, 42, 9, 11], [77], [400, 401, 402]]
+  expected = generate(cfg, l3.init_params(cfg, jax.random.key(7)), prompts, max_new_tokens=8)
+  mesh = make_mesh(MeshConfig.parse("pipeline=2,fsdp=2,tensor=2"))
+  sharded = init_sharded_params(cfg, mesh, jax.random.key(7))
+  assert generate(cfg, sharded, prompts, max_new_tokens=8, mesh=mesh) == expected
+  layer_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(sharded["layers"]))
+  assert bytes_per_device(sharded["layers"]) < layer_bytes / 7  # all but the norm scales
+  cache = empty_cache(cfg, 4, 32, mesh)
+  assert cache.k.sharding.shard_shape(cache.k.shape) == (2, 2, 32, 2, cfg.head_dim)
+  with pytest.raises(ValueError, match="3 layers do not split into 2 pipeline stages"):
+    generate(cfg.replace(n_layers=3), sharded, prompts, max_new_tokens=2, mesh=mesh)
+  fp8 = cfg.replace(quantization="fp8")
+  with pytest.raises(ValueError, match="keeps its first and last layers apart"):
+    generate(fp8, sharded, prompts, max_new_tokens=2, mesh=mesh)

@@ -12,6 +12,8 @@ from llama3_jax.config import ModelConfig
 from llama3_jax.inference.sampling import SamplingConfig, sample
 from llama3_jax.model import KVCache, Transformer
 from llama3_jax.parallel.context import load_balanced_order, reorder_for_context
+from llama3_jax.parallel.pipeline import PipelineSchedule
+from llama3_jax.parallel.pipeline_decode import check_pipeline_model, pipelined_layers
 from llama3_jax.parallel.sharding import mesh_context
 
 NOT_GENERATED = -1
@@ -74,10 +76,23 @@ def prompt_slots(
   return padded_length(longest, limit, 16 * context_degree)
 
 
+def layer_runner(cfg: ModelConfig, params: Dict, pipeline: Optional[PipelineSchedule]):
+  """The Transformer's `run_layers` for `pipeline` stages (None: the layers as they are)."""
+  return None if pipeline is None else pipelined_layers(cfg, params["layers"], pipeline)
+
+
 def prefill(
-  cfg: ModelConfig, params: Dict, tokens_BP, lengths_B, cache: KVCache, context_degree: int = 1
+  cfg: ModelConfig,
+  params: Dict,
+  tokens_BP,
+  lengths_B,
+  cache: KVCache,
+  context_degree: int = 1,
+  pipeline: Optional[PipelineSchedule] = None,
 ):
   """Runs right-padded prompts through the model: (logits at each row's last token [B, V], cache).
+  With a `pipeline` schedule the layers run in its stages over `pipeline` (B a multiple of its
+  micro-batches, parallel/pipeline_decode.py).
 
   With `context_degree` > 1 (the `context` degree of the mesh it runs on, e.g. a Layout's) the
   prompt is put in the load-balanced order of parallel/context.py, to be split over `context`: the
@@ -94,18 +109,32 @@ def prefill(
     )
     last = jnp.asarray(np.argsort(order), jnp.int32)[last]  # where each last token went
   return Transformer(cfg).apply(
-    {"params": params}, tokens_BP, positions, segment_ids, cache=cache, logits_at=last
+    {"params": params},
+    tokens_BP,
+    positions,
+    segment_ids,
+    cache=cache,
+    logits_at=last,
+    run_layers=layer_runner(cfg, params, pipeline),
   )
 
 
-def decode_step(cfg: ModelConfig, params: Dict, token_B, position_B, cache: KVCache):
-  """One token per row at its own position: (logits [B, V], cache)."""
+def decode_step(
+  cfg: ModelConfig,
+  params: Dict,
+  token_B,
+  position_B,
+  cache: KVCache,
+  pipeline: Optional[PipelineSchedule] = None,
+):
+  """One token per row at its own position: (logits [B, V], cache). `pipeline`: see `prefill`."""
   logits_B1V, cache = Transformer(cfg).apply(
     {"params": params},
     token_B[:, None],
     position_B[:, None],
     jnp.ones_like(token_B)[:, None],
     cache=cache,
+    run_layers=layer_runner(cfg, params, pipeline),
   )
   return logits_B1V[:, 0], cache
 
@@ -121,9 +150,11 @@ def decode_tokens(
   max_new_tokens: int,
   sampling: SamplingConfig,
   stop_ids: Tuple[int, ...],
+  pipeline: Optional[PipelineSchedule] = None,
 ):
   """[B, max_new_tokens] int32 new tokens after a prefill that left `logits_BV` (at each row's last
-  prompt token) and `cache`; after a row's stop token (kept) it holds NOT_GENERATED."""
+  prompt token) and `cache`; after a row's stop token (kept) it holds NOT_GENERATED. `pipeline`:
+  see `prefill`."""
   batch = logits_BV.shape[0]
   rng, first_rng = jax.random.split(rng)
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
@@ -136,7 +167,9 @@ def decode_tokens(
 
   def next_token(state):
     step, token_B, done, out_BN, cache, rng = state
-    logits_BV, cache = decode_step(cfg, params, token_B, lengths_B + step, cache.constrained())
+    logits_BV, cache = decode_step(
+      cfg, params, token_B, lengths_B + step, cache.constrained(), pipeline
+    )
     rng, step_rng = jax.random.split(rng)
     token_B = sample(logits_BV, step_rng, sampling)
     out_BN = out_BN.at[:, step + 1].set(jnp.where(done, NOT_GENERATED, token_B))
@@ -155,7 +188,8 @@ def empty_cache(cfg: ModelConfig, batch: int, slots: int, mesh: Optional[Mesh] =
 
 
 @functools.partial(
-  jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids", "context_degree")
+  jax.jit,
+  static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids", "context_degree", "pipeline"),
 )
 def generate_tokens(
   params,
@@ -168,12 +202,13 @@ def generate_tokens(
   sampling: SamplingConfig,
   stop_ids: Tuple[int, ...],
   context_degree: int = 1,
+  pipeline: Optional[PipelineSchedule] = None,
 ):
   """[B, max_new_tokens] int32 new tokens; after a row's stop token (kept) it holds NOT_GENERATED.
-  `context_degree`: see `prefill`."""
+  `context_degree`, `pipeline`: see `prefill`."""
   batch, length = tokens_BP.shape
   cache = KVCache.empty(cfg, batch, length + max_new_tokens - 1).constrained()
-  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache, context_degree)
+  logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache, context_degree, pipeline)
   return decode_tokens(
     cfg,
     params,
@@ -184,7 +219,28 @@ def generate_tokens(
     max_new_tokens=max_new_tokens,
     sampling=sampling,
     stop_ids=stop_ids,
+    pipeline=pipeline,
   )
+
+
+def generation_pipeline(cfg: ModelConfig, mesh: Optional[Mesh]) -> Optional[PipelineSchedule]:
+  """The schedule `generate` runs on `mesh`: one stage per `pipeline` rank and as many
+  micro-batches (every rank busy once the pipeline is full); None without pipeline ranks."""
+  stages = mesh.shape["pipeline"] if mesh is not None else 1
+  if stages == 1:
+    return None
+  schedule = PipelineSchedule(stages, micro_batches=stages)
+  check_pipeline_model(cfg, schedule)
+  return schedule
+
+
+def generation_rows(rows: int, mesh: Optional[Mesh]) -> int:
+  """The batch `generate` runs for `rows` prompts on `mesh`: with pipeline stages, a multiple of
+  the micro-batches times the batch shards (`data` x `fsdp`), so every micro-batch splits evenly."""
+  if mesh is None or mesh.shape["pipeline"] == 1:
+    return rows
+  multiple = mesh.shape["pipeline"] * mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-rows // multiple) * multiple
 
 
 def generate(
@@ -203,9 +259,12 @@ def generate(
   On `mesh` (params placed in their shards, e.g. by `init_sharded_params` or `load_checkpoint(...,
   mesh=)`) the model runs under the mesh's logical rules: weights and KV cache in shards (kv
   heads over `tensor`), rows over `data` / `fsdp`, prompts prefilled with context parallelism
-  over `context`; the tokens are those of one device."""
+  over `context`, layers in stages over `pipeline` with micro-batched prefill and decode (paper
+  Sec. 6.1; the batch is padded with copies of the last prompt to split into micro-batches); the
+  tokens are those of one device."""
   context_degree = mesh.shape["context"] if mesh is not None else 1
   check_prompts(prompts, cfg.vocab_size)
+  pipeline = generation_pipeline(cfg, mesh)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if sampling.top_k > cfg.vocab_size:
@@ -218,7 +277,8 @@ def generate(
       f"Longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
       f"model's max_seq_len {cfg.max_seq_len}"
     )
-  tokens, lengths = pad_prompts(prompts, prompt_slots(cfg, longest, max_new_tokens, context_degree))
+  rows = list(prompts) + [prompts[-1]] * (generation_rows(len(prompts), mesh) - len(prompts))
+  tokens, lengths = pad_prompts(rows, prompt_slots(cfg, longest, max_new_tokens, context_degree))
   stops = sorted(set(check_token_ids(list(stop_ids), "stop_ids", cfg.vocab_size).tolist()))
   with mesh_context(mesh):
     out = np.asarray(
@@ -232,10 +292,11 @@ def generate(
         sampling=sampling,
         stop_ids=tuple(stops),
         context_degree=context_degree,
+        pipeline=pipeline,
       )
     )
   results = []
-  for row in out:
+  for row in out[: len(prompts)]:
     kept = []
     for token in row.tolist():
       if token == NOT_GENERATED or token in stops:

@@ -8,8 +8,8 @@ from llama3_jax.config import ModelConfig
 
 
 # k and v: kv heads over `tensor` like the key/value projections that fill them, rows over the
-# batch axes; the layer and slot axes stay whole.
-CACHE_KV_AXES = (None, "batch", "kv_length", "act_kv_heads", "act_head_dim")
+# batch axes, layers over `pipeline` like the layer weights; the slot axis stays whole.
+CACHE_KV_AXES = ("layers", "batch", "kv_length", "act_kv_heads", "act_head_dim")
 
 
 @flax.struct.dataclass

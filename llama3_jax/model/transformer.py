@@ -73,17 +73,20 @@ def _scanned_layers(cfg: ModelConfig, n_layers: int):
 
 
 class DecoderStack(nn.Module):
-  """`n_layers` consecutive decoder layers without a cache: x [B, T, D] -> [B, T, D]; parameters
-  under `layers` with a leading axis of `n_layers` (a slice of a Transformer's `layers`).
+  """`n_layers` consecutive decoder layers: x [B, T, D] -> [B, T, D]; parameters under `layers`
+  with a leading axis of `n_layers` (a slice of a Transformer's `layers`: a pipeline stage).
   `context_order`: see Transformer."""
 
   cfg: ModelConfig
   n_layers: int
   context_order: int = 1
 
-  @nn.compact
+  def setup(self):
+    self.layers = _scanned_layers(self.cfg, self.n_layers)(self.cfg)
+
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-    (x_BTD, _), _ = _scanned_layers(self.cfg, self.n_layers)(self.cfg, name="layers")(
+    """Without a cache: the rows attend within their segments."""
+    (x_BTD, _), _ = self.layers(
       (x_BTD, None),
       jnp.arange(self.n_layers),
       positions_BT,
@@ -91,6 +94,14 @@ class DecoderStack(nn.Module):
       None,
     )
     return x_BTD
+
+  def with_cache(self, x_BTD, positions_BT, mask: AttentionMask, cache_kv, cache_index):
+    """With this stack's cache (k, v) [n_layers, B, S, kv_heads, head_dim], the tokens written
+    from slot `cache_index` on and attending as `mask` says: -> (x [B, T, D], cache_kv)."""
+    (x_BTD, cache_kv), _ = self.layers(
+      (x_BTD, cache_kv), jnp.arange(self.n_layers), positions_BT, mask, cache_index
+    )
+    return x_BTD, cache_kv
 
 
 def _default_inputs(tokens, positions, segment_ids, *more, start=0):
@@ -120,7 +131,9 @@ class Transformer(nn.Module):
   that index of each row, returned as [B, vocab]. `branch_ids` [B, T] (no cache) share a
   document's start between branches: a token of branch b > 0 sees branch 0 (the shared part) and
   its own branch only, as if each branch followed the shared part in a row of its own (positions
-  continue from the shared part in every branch). The methods `embed` and `head` are the two ends
+  continue from the shared part in every branch). `run_layers(x, cache_kv, positions, mask,
+  cache_index) -> (x, cache_kv)` replaces the decoder layers (pipeline parallelism runs them in
+  stages, parallel/pipeline_decode.py). The methods `embed` and `head` are the two ends
   on their own (pipeline parallelism runs the layers between them in stages), and `hidden` the
   rest (the head's input).
 
@@ -194,6 +207,7 @@ class Transformer(nn.Module):
     cache: Optional[KVCache] = None,
     logits_at=None,
     branch_ids=None,
+    run_layers=None,
   ):
     start = 0 if cache is None else cache.index
     positions, segment_ids = _default_inputs(
@@ -219,7 +233,8 @@ class Transformer(nn.Module):
       cache_kv = (cache.k, cache.v)
       mask = AttentionMask.over_cache(positions, segment_ids, kv_positions, kv_segment_ids)
 
-    x_BTD, cache_kv = self._decoder(self.embed(tokens), cache_kv, positions, mask, cache_index)
+    run_layers = run_layers or self._decoder
+    x_BTD, cache_kv = run_layers(self.embed(tokens), cache_kv, positions, mask, cache_index)
     if logits_at is not None:
       x_BTD = x_BTD[jnp.arange(batch), logits_at][:, None]
     logits_BTV = self.head(x_BTD)
