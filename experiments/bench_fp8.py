@@ -23,13 +23,14 @@ from llama3_jax.inference.quantize import quantize_params
 from llama3_jax.model.spec import reward_params_from_lm
 from llama3_jax.posttrain.rejection import rejection_sample
 
-cli.define("checkpoint", "preset", "model", "generation", "sampling")
+cli.define("checkpoint", "preset", "model", "generation", "sampling", "reward_model")
 FLAGS = flags.FLAGS
-_ROWS = flags.DEFINE_integer("rows", 8, "Corpus documents scored (their first --score_len tokens).")
+_ROWS = flags.DEFINE_integer(
+  "score_rows", 8, "Corpus documents scored (their first --score_len tokens)."
+)
 _SCORE_LEN = flags.DEFINE_integer("score_len", 256, "Tokens per scored row.")
-_PROMPTS = flags.DEFINE_integer("prompts", 4, "Prompts for greedy continuations and sampling.")
-_SAMPLES = flags.DEFINE_integer("samples", 8, "Responses sampled per prompt and policy.")
-_REWARD_MODEL = flags.DEFINE_string("reward_model", None, "Reward-model checkpoint scoring them.")
+_PROMPTS = flags.DEFINE_integer("num_prompts", 4, "Prompts for greedy continuations and sampling.")
+_SAMPLES = flags.DEFINE_integer("responses", 8, "Responses sampled per prompt and policy.")
 _QUANTILES = (0.1, 0.5, 0.9)
 
 
@@ -96,8 +97,8 @@ def _greedy_stats(models, prompts):
 
 
 def _reward_model(cfg, params):
-  if _REWARD_MODEL.value:
-    return load_checkpoint(_REWARD_MODEL.value, kind="reward", dtype=cfg.dtype)
+  if FLAGS.reward_model:
+    return load_checkpoint(FLAGS.reward_model, kind="reward", dtype=cfg.dtype)
   print("--- no --reward_model: scores from a random reward head on the bf16 policy's features")
   return cfg, reward_params_from_lm(cfg, params, jax.random.key(FLAGS.seed + 1))
 

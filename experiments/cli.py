@@ -316,6 +316,15 @@ _GROUPS = {
       {"enum_values": ["fp8"]},
     ),
   ],
+  "reward_model": [
+    (
+      flags.DEFINE_string,
+      "reward_model",
+      None,
+      "A reward model: reward.py's --output, its --checkpoint_dir (newest step) or one step of it.",
+      {},
+    ),
+  ],
 }
 
 

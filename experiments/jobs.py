@@ -95,6 +95,8 @@ def read_preferences() -> Tuple[List[Preference], List[Preference]]:
   paths = [path for spec in FLAGS.data for path in expand_pattern(spec)]
   skip = FLAGS.on_bad_row == "skip"
   rows = [row for path in paths for row in read_jsonl(path, parse_preference_row, skip)]
+  if not rows:
+    raise ValueError(f"--data {FLAGS.data}: no usable preference rows in {paths}")
   return split_rows(rows, FLAGS.held_out_fraction, FLAGS.seed)
 
 

@@ -24,15 +24,11 @@ from llama3_jax.parallel.layout import Layout
 from llama3_jax.posttrain.rejection import rejection_sample
 from llama3_jax.tokenizer.chat_format import Message
 
-cli.define("checkpoint", "preset", "model", "mesh", "generation", "sampling", "output")
-cli.required("output")
-FLAGS = flags.FLAGS
-_REWARD_MODEL = flags.DEFINE_string(
-  "reward_model",
-  None,
-  "A reward model: reward.py's --output, its --checkpoint_dir (newest step) or one step of it.",
-  required=True,
+cli.define(
+  "checkpoint", "preset", "model", "mesh", "generation", "sampling", "output", "reward_model"
 )
+cli.required("output", "reward_model")
+FLAGS = flags.FLAGS
 _PROMPTS = flags.DEFINE_string(
   "prompts", None, 'JSONL of {"prompt": [messages]} (or "messages").', required=True
 )
@@ -64,7 +60,7 @@ def main(argv):
   mesh = make_mesh(cli.mesh_config())
   cfg, params = cli.load_model(mesh)
   layout = Layout.build(cfg, mesh)
-  reward_cfg, reward_params = load_checkpoint(_REWARD_MODEL.value, mesh=mesh, kind=REWARD.kind)
+  reward_cfg, reward_params = load_checkpoint(FLAGS.reward_model, mesh=mesh, kind=REWARD.kind)
   sampling = cli.sampling_config()
   rng = jax.random.key(FLAGS.seed)
   pairs = open(_PAIRS.value, "w") if _PAIRS.value else None

@@ -9,7 +9,8 @@ import pytest
 
 import llama3_jax as l3
 from llama3_jax.inference import decode_step, prefill
-from llama3_jax.model import KVCache
+from llama3_jax.model import KVCache, unrolled_layers
+from llama3_jax.model.attention import write_in_place
 
 IMPLS = ["xla", "dot_product", "flash"]
 # Tiles of 4 tokens: prompts, documents and cache slots span several, some of them skipped.
@@ -157,3 +158,40 @@ def test_more_tokens_than_cache_slots_is_an_error():
     l3.Transformer(cfg).apply(
       {"params": params}, jnp.zeros((1, 5), jnp.int32), cache=KVCache.empty(cfg, 1, 4)
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_runner_of_sliced_layers_equals_the_layer_scan(dtype):
+  """A decode step through `unrolled_layers` (what the decode loop runs) gives the layer scan's
+  logits and cache to the dtype's rounding (XLA fuses the two differently), in float32 and in
+  bfloat16 (whose cache writes go through the 16-bit integer path of `write_in_place`), for the
+  fp8 model's three layer stacks too."""
+  atol = {"float32": 1e-6, "bfloat16": 1e-2}[dtype]  # bfloat16: a few ulps at |logit| ~0.5
+  for quantization in (None, "fp8"):
+    cfg = l3.get_config("test-3.1", dtype=dtype, n_layers=3, quantization=quantization)
+    params = l3.init_params(cfg, jax.random.key(8))
+    tokens = jnp.asarray([[5, 17, 300, 42], [77, 3, 0, 0]])
+    cache = KVCache.empty(cfg, 2, 8)
+    _, cache = jax.jit(prefill, static_argnums=0)(cfg, params, tokens, jnp.asarray([4, 2]), cache)
+    step = jax.jit(decode_step, static_argnums=(0, 5))
+    token, position = jnp.asarray([9, 11]), jnp.asarray([4, 2])
+    scanned = step(cfg, params, token, position, cache, None)
+    runner = unrolled_layers(cfg, params)
+    unrolled = jax.jit(lambda p, c: decode_step(cfg, p, token, position, c, runner))(params, cache)
+    close = lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol
+    )
+    jax.tree.map(close, unrolled, scanned)
+    assert int(jnp.sum(scanned[1].segment_ids)) == 4 + 2 + 2  # the new slot written in each row
+
+
+def test_write_in_place_equals_dynamic_update_slice_for_16_bit_floats():
+  whole = jax.random.normal(jax.random.key(0), (3, 2, 8, 4), jnp.bfloat16)
+  update = jnp.asarray([[[[jnp.inf, -0.0, 1e-40, jnp.nan]]] * 2], jnp.bfloat16)
+  expected = jax.lax.dynamic_update_slice(whole, update, (1, 0, 5, 0))
+  got = jax.jit(write_in_place)(whole, update, (1, 0, 5, 0))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+    jax.lax.bitcast_convert_type(got, jnp.uint16),
+    jax.lax.bitcast_convert_type(expected, jnp.uint16),
+  )

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from llama3_jax.config import ModelConfig
 from llama3_jax.inference.sampling import SamplingConfig, sample
-from llama3_jax.model import KVCache, Transformer
+from llama3_jax.model import KVCache, Transformer, unrolled_layers
 from llama3_jax.parallel.context import load_balanced_order, reorder_for_context
 from llama3_jax.parallel.pipeline import PipelineSchedule
 from llama3_jax.parallel.pipeline_decode import check_pipeline_model, pipelined_layers
@@ -81,6 +81,12 @@ def layer_runner(cfg: ModelConfig, params: Dict, pipeline: Optional[PipelineSche
   return None if pipeline is None else pipelined_layers(cfg, params["layers"], pipeline)
 
 
+def decode_runner(cfg: ModelConfig, params: Dict, pipeline: Optional[PipelineSchedule]):
+  """The `run_layers` of a decode loop, built once before it: `pipeline` stages, else the layers
+  one by one from weights sliced once (`unrolled_layers`)."""
+  return layer_runner(cfg, params, pipeline) if pipeline else unrolled_layers(cfg, params)
+
+
 def prefill(
   cfg: ModelConfig,
   params: Dict,
@@ -120,21 +126,17 @@ def prefill(
 
 
 def decode_step(
-  cfg: ModelConfig,
-  params: Dict,
-  token_B,
-  position_B,
-  cache: KVCache,
-  pipeline: Optional[PipelineSchedule] = None,
+  cfg: ModelConfig, params: Dict, token_B, position_B, cache: KVCache, run_layers=None
 ):
-  """One token per row at its own position: (logits [B, V], cache). `pipeline`: see `prefill`."""
+  """One token per row at its own position: (logits [B, V], cache). `run_layers`: the
+  Transformer's (e.g. `decode_runner`'s)."""
   logits_B1V, cache = Transformer(cfg).apply(
     {"params": params},
     token_B[:, None],
     position_B[:, None],
     jnp.ones_like(token_B)[:, None],
     cache=cache,
-    run_layers=layer_runner(cfg, params, pipeline),
+    run_layers=run_layers,
   )
   return logits_B1V[:, 0], cache
 
@@ -160,6 +162,7 @@ def decode_tokens(
   stop_ids = jnp.asarray(stop_ids, jnp.int32)
   first_B = sample(logits_BV, first_rng, sampling)
   out_BN = jnp.full((batch, max_new_tokens), NOT_GENERATED, jnp.int32).at[:, 0].set(first_B)
+  run_layers = decode_runner(cfg, params, pipeline)
 
   def keep_going(state):
     step, _, done, _, _, _ = state
@@ -168,7 +171,7 @@ def decode_tokens(
   def next_token(state):
     step, token_B, done, out_BN, cache, rng = state
     logits_BV, cache = decode_step(
-      cfg, params, token_B, lengths_B + step, cache.constrained(), pipeline
+      cfg, params, token_B, lengths_B + step, cache.constrained(), run_layers
     )
     rng, step_rng = jax.random.split(rng)
     token_B = sample(logits_BV, step_rng, sampling)

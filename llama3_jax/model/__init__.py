@@ -8,6 +8,6 @@ shard the activations along it.
 """
 
 from llama3_jax.model.kv_cache import KVCache
-from llama3_jax.model.transformer import DecoderStack, Transformer
+from llama3_jax.model.transformer import DecoderStack, Transformer, unrolled_layers
 from llama3_jax.model.params import count_params, init_params, param_shapes
 from llama3_jax.model.reward_model import RewardModel

@@ -150,6 +150,17 @@ def on_each_shard(kernel, q_BTHK, k_BSGK, v_BSGK, mask: AttentionMask, prepare=N
   )
 
 
+def write_in_place(whole, update, start):
+  """`lax.dynamic_update_slice(whole, update, start)` on the bits of a 16-bit float array: XLA on
+  CPU computes a bfloat16 update in float32, converting (and so rewriting) all of `whole`; on
+  unsigned integers of the same width it writes the slice in place."""
+  if whole.dtype.itemsize != 2:
+    return jax.lax.dynamic_update_slice(whole, update, start)
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+  written = jax.lax.dynamic_update_slice(bits(whole), bits(update), start)
+  return jax.lax.bitcast_convert_type(written, whole.dtype)
+
+
 class Attention(nn.Module):
   """Self-attention over the current tokens, or over the cache slots of this layer when given one."""
 
@@ -192,7 +203,7 @@ class Attention(nn.Module):
     if cache_kv is not None:
       start = (layer_index, 0, cache_index, 0, 0)
       cache_kv = tuple(
-        jax.lax.dynamic_update_slice(whole, new[None].astype(whole.dtype), start)
+        write_in_place(whole, new[None].astype(whole.dtype), start)
         for whole, new in zip(cache_kv, (k, v))
       )
       k, v = (

@@ -1,6 +1,6 @@
 """The Llama 3 decoder: embedding, scanned decoder layers, final norm and output head."""
 
-from typing import Optional
+from typing import Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -102,6 +102,26 @@ class DecoderStack(nn.Module):
       (x_BTD, cache_kv), jnp.arange(self.n_layers), positions_BT, mask, cache_index
     )
     return x_BTD, cache_kv
+
+
+def unrolled_layers(cfg: ModelConfig, params: Dict):
+  """A Transformer `run_layers` that runs the decoder layers one by one from per-layer weights,
+  sliced from the stacked [L, ...] `params` (a Transformer's) once, here. For a decode loop:
+  there a layer scan would copy every layer's weights out of the stack at every step."""
+  layers = []
+  for segment in cfg.layer_segments():
+    stack = params[segment.name]
+    for j in range(segment.count):
+      weights = jax.tree.map(lambda w: w[j], stack)
+      layers.append((segment.start + j, DecoderLayer(cfg, fp8=segment.fp8), weights))
+
+  def run(x_BTD, cache_kv, positions_BT, mask: AttentionMask, cache_index):
+    carry = (x_BTD, cache_kv)
+    for index, layer, weights in layers:
+      carry, _ = layer.apply({"params": weights}, carry, index, positions_BT, mask, cache_index)
+    return carry
+
+  return run
 
 
 def _default_inputs(tokens, positions, segment_ids, *more, start=0):
