@@ -75,7 +75,7 @@ def _logit_stats(models, rows):
   print(f"worst token {kl_max.max():.3e}")
   print(f"argmax agreement: {agree.mean():.4f}")
   print(
-    f"loss: bf16 {nll.mean():.4f}, fp8 {nll_fp8.mean():.4f} (+{nll_fp8.mean() - nll.mean():.4f})"
+    f"loss: bf16 {nll.mean():.4f}, fp8 {nll_fp8.mean():.4f} ({nll_fp8.mean() - nll.mean():+.4f})"
   )
 
 

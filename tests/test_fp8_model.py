@@ -139,6 +139,9 @@ def test_fp8_model_on_a_mesh_shards_like_the_original_and_generates_the_same_tok
     assert scales.sharding.spec == jax.sharding.PartitionSpec(layer_axis, out_axis)
   assert_same_trees(quantized, jax.device_get(sharded))
   assert l3.generate(fp8_cfg, sharded, prompts, max_new_tokens=6, mesh=mesh) == expected
+  pipeline = make_mesh(MeshConfig.parse("pipeline=2,tensor=2"), jax.devices()[:4])
+  with pytest.raises(ValueError, match="runs without pipeline stages"):
+    quantize_params(cfg, params, mesh=pipeline)
 
 
 def test_our_fbgemm_fp8_checkpoint_loads_back_bit_exactly(model, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import llama3_jax as l3
 from llama3_jax.config import MeshConfig
 from llama3_jax.inference import SamplingConfig, generate, sample
-from llama3_jax.inference.generate import empty_cache
+from llama3_jax.inference.generate import empty_cache, generate_tokens, generation_rows
 from llama3_jax.parallel import init_sharded_params, make_mesh
 from llama3_jax.parallel.sharding import bytes_per_device
 
@@ -156,3 +156,16 @@ def test_pipelined_generation_gives_one_devices_tokens_with_layers_and_cache_spl
   fp8 = cfg.replace(quantization="fp8")
   with pytest.raises(ValueError, match="keeps its first and last layers apart"):
     generate(fp8, sharded, prompts, max_new_tokens=2, mesh=mesh)
+
+
+def test_batches_of_nearby_sizes_share_one_compile_and_padding_rows_change_nothing(model):
+  """3 and 4 prompts run as one bucket of 4 rows (one compile of generate_tokens); each prompt's
+  tokens are those it gets alone."""
+  cfg, params = model
+  prompts = [[5, 17, 300], [77], [400, 401, 402], [3, 1, 4]]
+  alone = [generate(cfg, params, [p], max_new_tokens=5) for p in prompts]
+  compiled = generate_tokens._cache_size()
+  assert generate(cfg, params, prompts[:3], max_new_tokens=5) == sum(alone[:3], [])
+  assert generate(cfg, params, prompts, max_new_tokens=5) == sum(alone, [])
+  assert generate_tokens._cache_size() == compiled + 1
+  assert [generation_rows(n, None) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]

@@ -238,12 +238,15 @@ def generation_pipeline(cfg: ModelConfig, mesh: Optional[Mesh]) -> Optional[Pipe
 
 
 def generation_rows(rows: int, mesh: Optional[Mesh]) -> int:
-  """The batch `generate` runs for `rows` prompts on `mesh`: with pipeline stages, a multiple of
-  the micro-batches times the batch shards (`data` x `fsdp`), so every micro-batch splits evenly."""
+  """The batch `generate` runs for `rows` prompts on `mesh`: a bucket (the next power of two up to
+  8, then the next multiple of 8), so that batches of nearby sizes share one compile; with
+  pipeline stages also a multiple of the micro-batches times the batch shards (`data` x `fsdp`),
+  so every micro-batch splits evenly."""
+  bucket = 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
   if mesh is None or mesh.shape["pipeline"] == 1:
-    return rows
+    return bucket
   multiple = mesh.shape["pipeline"] * mesh.shape["data"] * mesh.shape["fsdp"]
-  return -(-rows // multiple) * multiple
+  return -(-bucket // multiple) * multiple
 
 
 def generate(
@@ -263,8 +266,8 @@ def generate(
   mesh=)`) the model runs under the mesh's logical rules: weights and KV cache in shards (kv
   heads over `tensor`), rows over `data` / `fsdp`, prompts prefilled with context parallelism
   over `context`, layers in stages over `pipeline` with micro-batched prefill and decode (paper
-  Sec. 6.1; the batch is padded with copies of the last prompt to split into micro-batches); the
-  tokens are those of one device."""
+  Sec. 6.1); the tokens are those of one device. The batch is padded with copies of the last
+  prompt to `generation_rows` (a bucket of sizes, and micro-batches that split evenly)."""
   context_degree = mesh.shape["context"] if mesh is not None else 1
   check_prompts(prompts, cfg.vocab_size)
   pipeline = generation_pipeline(cfg, mesh)

@@ -47,6 +47,11 @@ def quantize_params(
     raise ValueError(f"The model {cfg.name} is already quantized ({cfg.quantization})")
   fp8_cfg = cfg.replace(quantization="fp8")  # checks that there are layers to quantize
   LM.check(cfg, params, "The params to quantize")
+  if mesh is not None and mesh.shape["pipeline"] > 1:
+    raise ValueError(
+      f"An fp8 model keeps its first and last layers apart from the others, so it runs without "
+      f"pipeline stages: quantize {cfg.name} on a mesh without `pipeline` (got {dict(mesh.shape)})"
+    )
   if mesh is None:
     quantized = jax.jit(_split_and_quantize, static_argnums=1)(params, fp8_cfg)
   else:
