@@ -28,20 +28,26 @@ def _run(binary, *flags, devices=1):
   return result.stdout
 
 
-def test_generate_binary_greedy_completion_equals_library(tmp_path):
-  cfg = l3.get_config("tiny")
-  params = l3.init_params(cfg, jax.random.key(11))
-  checkpoint = str(tmp_path / "tiny")
-  l3.save_orbax(checkpoint, cfg, params)
+def _library_completion(cfg, params, prompt: str):
+  """(tokenizer, the greedy 6-token completion of `prompt` by l3.generate in this process)."""
   tokenizer = l3.Tokenizer.default()
-  prompt = "Packed documents never attend across boundaries."
-  [expected] = l3.generate(
+  [completion] = l3.generate(
     cfg,
     params,
     [tokenizer.encode(prompt, bos=True, eos=False)],
     max_new_tokens=6,
     stop_ids=tokenizer.stop_ids,
   )
+  return tokenizer, completion
+
+
+def test_generate_binary_greedy_completion_equals_library(tmp_path):
+  cfg = l3.get_config("tiny")
+  params = l3.init_params(cfg, jax.random.key(11))
+  checkpoint = str(tmp_path / "tiny")
+  l3.save_orbax(checkpoint, cfg, params)
+  prompt = "Packed documents never attend across boundaries."
+  tokenizer, expected = _library_completion(cfg, params, prompt)
   flags = (
     f"--checkpoint={checkpoint}",
     f"--prompt={prompt}",
@@ -93,15 +99,8 @@ def test_quantize_binary_writes_fbgemm_fp8_and_generate_quantizes_at_load_alike(
   fp8_cfg, loaded = l3.load_checkpoint(str(out), dtype=cfg.dtype)
   _, expected_params = quantize_params(cfg, params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected_params), loaded)
-  tokenizer = l3.Tokenizer.default()
   prompt = "Row-wise scales keep outliers apart."
-  [expected] = l3.generate(
-    fp8_cfg,
-    loaded,
-    [tokenizer.encode(prompt, bos=True, eos=False)],
-    max_new_tokens=6,
-    stop_ids=tokenizer.stop_ids,
-  )
+  tokenizer, expected = _library_completion(fp8_cfg, loaded, prompt)
   stdout = _run(
     "generate.py",
     f"--checkpoint={tmp_path / 'ours'}",
