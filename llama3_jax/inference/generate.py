@@ -84,7 +84,7 @@ def layer_runner(cfg: ModelConfig, params: Dict, pipeline: Optional[PipelineSche
 def decode_runner(cfg: ModelConfig, params: Dict, pipeline: Optional[PipelineSchedule]):
   """The `run_layers` of a decode loop, built once before it: `pipeline` stages, else the layers
   one by one from weights sliced once (`unrolled_layers`)."""
-  return layer_runner(cfg, params, pipeline) if pipeline else unrolled_layers(cfg, params)
+  return layer_runner(cfg, params, pipeline) or unrolled_layers(cfg, params)
 
 
 def prefill(
