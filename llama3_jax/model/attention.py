@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec
 from llama3_jax.config import ModelConfig
 from llama3_jax.model import gpu_flash, splash
 from llama3_jax.model.flash import flash_attention
-from llama3_jax.model.layers import declare
+from llama3_jax.model.layers import declare, project
 from llama3_jax.model.masks import AttentionMask
 from llama3_jax.model.rope import apply_rope, inverse_frequencies
 
@@ -41,7 +41,7 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS) -> jnp.ndarray:
   )
   scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
   probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
-  out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+  out_BTGRK = project("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
   return out_BTGRK.reshape(batch, length, n_heads, head_dim)
 
 
@@ -193,9 +193,9 @@ class Attention(nn.Module):
     )
 
     inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = apply_rope(jnp.einsum("btd,dhk->bthk", x_BTD, wq), positions_BT, inv_freq)
-    k = apply_rope(jnp.einsum("btd,dgk->btgk", x_BTD, wk), positions_BT, inv_freq)
-    v = jnp.einsum("btd,dgk->btgk", x_BTD, wv)
+    q = apply_rope(project("btd,dhk->bthk", x_BTD, wq), positions_BT, inv_freq)
+    k = apply_rope(project("btd,dgk->btgk", x_BTD, wk), positions_BT, inv_freq)
+    v = project("btd,dgk->btgk", x_BTD, wv)
     q = nn.with_logical_constraint(q, Q_AXES)
     k = nn.with_logical_constraint(k, KV_AXES)
     v = nn.with_logical_constraint(v, KV_AXES)
@@ -211,4 +211,4 @@ class Attention(nn.Module):
       )
 
     out_BTHK = nn.with_logical_constraint(attend(q, k, v, mask, cfg), Q_AXES)
-    return jnp.einsum("bthk,hkd->btd", out_BTHK, wo), cache_kv
+    return project("bthk,hkd->btd", out_BTHK, wo), cache_kv

@@ -53,6 +53,12 @@ class RMSNorm(nn.Module):
     return (normed.astype(x.dtype) * scale.astype(x.dtype)).astype(jnp.dtype(self.cfg.dtype))
 
 
+def project(spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """`einsum(spec, x, w)` accumulated in float32 and cast back to `x`'s dtype. (XLA:CPU also takes
+  its fast GEMM path for bf16 inputs only with a float32 result, ~4x faster than a bf16 one.)"""
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 # name, shape and logical axes of the three feed-forward weights, as [in, out].
 def _ffn_weights(cfg: ModelConfig):
   return (
@@ -80,7 +86,7 @@ class FeedForward(nn.Module):
       name: declare(self, name, shape, axes, self.cfg)
       for name, shape, axes in _ffn_weights(self.cfg)
     }
-    return _swiglu(x_BTD, lambda name, x: jnp.einsum("...i,io->...o", x, weights[name]))
+    return _swiglu(x_BTD, lambda name, x: project("...i,io->...o", x, weights[name]))
 
 
 def _fp8_values_init(rng, shape):
