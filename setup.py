@@ -19,14 +19,26 @@ setuptools.setup(
         "absl-py",
         "numpy",
         "safetensors",
-        "matplotlib",  # needle-in-a-haystack heatmaps
+        "tokenizers",  # the Hugging Face tokenizer files of an exported checkpoint
+        "matplotlib",  # training curves, needle-in-a-haystack heatmaps
+        "tensorboardX",  # TensorBoard event files of the step metrics
         # Ships Meta's real Llama 3 tokenizer.model; also the reference tokenizer and chat format.
         "llama-models",
     ],
     extras_require={
         # References the tests compare against, and readers of Meta's .pth checkpoints.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "transformers", "fairscale", "pytest", "pyyaml"],
+        "test": [
+            "torch==2.13.0",
+            "transformers",
+            "fairscale",
+            "pytest",
+            "pyyaml",
+            "tensorboard",  # reads the event files back
+            "wandb",
+        ],
+        # Weights & Biases logging (--wandb_project).
+        "wandb": ["wandb"],
         # libtpu matching the installed jax: compiles for TPU topologies on any host (dry_run.py
         # --topology); an unmatched newer libtpu fails with XLA RET_CHECK errors.
         "tpu-aot": ["jax[tpu]>=0.10.2,<0.11"],

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Dict, Optional, Tuple
 
+import jax
 from absl import app, flags, logging
 
 import llama3_jax as l3
@@ -29,7 +30,9 @@ from llama3_jax.config.model_config import ATTENTION_IMPLS, DTYPES, REMAT_POLICI
 from llama3_jax.convert import checkpoint_or_preset, save_hf, save_orbax
 from llama3_jax.inference.quantize import quantize_params
 from llama3_jax.train.checkpointing import CheckpointSaveError
+from llama3_jax.train.curves import plot_curves
 from llama3_jax.train.fit import FitPolicy
+from llama3_jax.train.metrics import MetricsOutputs, read_records
 
 FLAGS = flags.FLAGS
 
@@ -106,6 +109,15 @@ _GROUPS = {
       {},
     ),
   ],
+  "rows": [
+    (
+      flags.DEFINE_enum,
+      "on_bad_row",
+      "skip",
+      "A data row that cannot be read or parsed: skip it (logged with file:line, counted) or fail.",
+      {"enum_values": ["skip", "fail"]},
+    ),
+  ],
   "training": [
     (
       flags.DEFINE_multi_string,
@@ -117,13 +129,6 @@ _GROUPS = {
       {},
     ),
     (flags.DEFINE_float, "held_out_fraction", 0.01, "Share of rows kept out for eval.", {}),
-    (
-      flags.DEFINE_enum,
-      "on_bad_row",
-      "skip",
-      "A data row that cannot be read or parsed: skip it (logged with file:line, counted) or fail.",
-      {"enum_values": ["skip", "fail"]},
-    ),
     (flags.DEFINE_float, "lr", 3e-4, "Peak learning rate.", {}),
     (flags.DEFINE_integer, "warmup_steps", None, "Default: min(8000, steps // 10).", {}),
     (flags.DEFINE_integer, "decay_steps", None, "Cosine decay length; default: steps.", {}),
@@ -156,7 +161,37 @@ _GROUPS = {
       "start afresh. Without it such a resume is refused.",
       {},
     ),
-    (flags.DEFINE_string, "metrics_file", None, "Append JSON lines of step metrics here.", {}),
+    (
+      flags.DEFINE_string,
+      "metrics_file",
+      None,
+      "Step metrics as JSON lines, one record per step across resumes (default: "
+      "CHECKPOINT_DIR/metrics.jsonl; '': none).",
+      {},
+    ),
+    (
+      flags.DEFINE_string,
+      "tensorboard_dir",
+      None,
+      "TensorBoard event files of the step metrics (default: CHECKPOINT_DIR/tensorboard; '': none).",
+      {},
+    ),
+    (
+      flags.DEFINE_string,
+      "wandb_project",
+      None,
+      "Also log the step metrics to this Weights & Biases project (pip install "
+      "'llama3_jax[wandb]'); the run is named after --checkpoint_dir, so a resume logs into it.",
+      {},
+    ),
+    (
+      flags.DEFINE_string,
+      "plot_file",
+      None,
+      "At the end, draw the loss, learning-rate and throughput curves of the run here (PNG; "
+      "default: CHECKPOINT_DIR/metrics.png; '': none).",
+      {},
+    ),
   ],
   "memory": [
     (
@@ -433,6 +468,32 @@ def checkpoint_config() -> CheckpointConfig:
   )
 
 
+def metrics_outputs() -> MetricsOutputs:
+  """--metrics_file, --tensorboard_dir and --wandb_project, with their defaults in
+  --checkpoint_dir."""
+  return MetricsOutputs.beside(
+    FLAGS.checkpoint_dir,
+    jsonl=FLAGS.metrics_file,
+    tensorboard_dir=FLAGS.tensorboard_dir,
+    wandb_project=FLAGS.wandb_project,
+  )
+
+
+def plot_run(records) -> None:
+  """Draws the run's curves at --plot_file (default: CHECKPOINT_DIR/metrics.png): of every step
+  in its metrics file when it has one, else of `records` (this session's)."""
+  path = FLAGS.plot_file
+  if path is None and FLAGS.checkpoint_dir:
+    path = os.path.join(FLAGS.checkpoint_dir, "metrics.png")
+  if not path or jax.process_index() > 0:
+    return
+  jsonl = metrics_outputs().jsonl
+  if jsonl and os.path.exists(jsonl):
+    records = read_records(jsonl)
+  plot_curves({os.path.basename(os.path.abspath(FLAGS.checkpoint_dir or ".")): records}, path)
+  logging.info("Wrote the run's curves to %s", path)
+
+
 def fit_policy(eval_at_start: bool) -> FitPolicy:
   return FitPolicy(
     steps=FLAGS.steps,
@@ -453,6 +514,7 @@ def required(*names: str) -> None:
 
 PRETRAINING_GROUPS = (
   "checkpoint",
+  "rows",
   "preset",
   "model",
   "tiles",

@@ -15,14 +15,15 @@ import jobs
 from absl import flags
 
 import llama3_jax as l3
+from llama3_jax.config import DPOConfig
 from llama3_jax.convert import save_orbax
+from llama3_jax.data.sources import MalformedCounter
 from llama3_jax.model import param_shapes
 from llama3_jax.parallel import make_mesh
-from llama3_jax.config import DPOConfig
 from llama3_jax.posttrain.dpo_rows import dpo_objective, dpo_rows, with_reference_logps
 from llama3_jax.posttrain.trainer import with_values
 
-cli.define("checkpoint", "preset", "model", "mesh", "batch", "steps", "training", "output")
+cli.define("checkpoint", "preset", "model", "mesh", "batch", "steps", "training", "rows", "output")
 cli.required("data")
 FLAGS = flags.FLAGS
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO beta.")
@@ -39,7 +40,8 @@ def main(argv):
   chat = l3.ChatFormat(l3.Tokenizer.default())
   mesh = make_mesh(cli.mesh_config())
   cfg, params = cli.load_model(mesh, param_dtype="float32")  # the reference, and the start
-  train_prefs, held_out = jobs.read_preferences()
+  bad_rows = MalformedCounter()
+  train_prefs, held_out = jobs.read_preferences(bad_rows)
   train_rows = dpo_rows(chat, train_prefs, FLAGS.seq_len)
   eval_rows = dpo_rows(chat, held_out, FLAGS.seq_len)
   dpo_cfg = DPOConfig(beta=_BETA.value, nll_weight=_NLL.value, label_smoothing=_SMOOTHING.value)
@@ -54,7 +56,7 @@ def main(argv):
   loss = functools.partial(dpo_objective, cfg=cfg, dpo_cfg=dpo_cfg)
   trainer = jobs.make_trainer(with_values(param_shapes(cfg), params), loss, cfg, mesh, frozen)
   shown = ("loss", "reward_accuracy", "eval_reward_margin")
-  before, after = jobs.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, "lm")
+  before, after = jobs.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, "lm", bad_rows)
   if FLAGS.output:
     save_orbax(FLAGS.output, cfg, trainer.state.params)
   print(

@@ -15,10 +15,15 @@ import llama3_jax as l3
 from llama3_jax.config import ModelConfig
 from llama3_jax.convert import load_checkpoint
 from llama3_jax.data.chat import Preference, parse_preference_row, read_jsonl
-from llama3_jax.data.sources import expand_pattern
+from llama3_jax.data.sources import MalformedCounter, expand_pattern
 from llama3_jax.parallel import initialize
 from llama3_jax.parallel.layout import Layout
-from llama3_jax.posttrain.trainer import Trainer, epoch_batches, mean_metrics, split_rows
+from llama3_jax.posttrain.trainer import (
+  Trainer,
+  epoch_batches,
+  mean_metrics,
+  split_rows,
+)
 from llama3_jax.train import RunCheckpointer, make_optimizer
 from llama3_jax.train.loop import train_run
 from llama3_jax.train.signals import exit_code
@@ -68,7 +73,8 @@ def pretraining_main(argv) -> None:
     model_cfg = l3.get_config(FLAGS.config, param_dtype="float32")
   run = cli.run_config(model_cfg)
   logging.info("Model %s: %s parameters", model_cfg.name, f"{l3.count_params(model_cfg):,}")
-  result = train_run(run, tokenizer, init_params=init_params, metrics_file=FLAGS.metrics_file)
+  result = train_run(run, tokenizer, init_params=init_params, metrics=cli.metrics_outputs())
+  cli.plot_run(result.records)
   exit_if_stopped(result.stop_signal, result.last["step"])
   state, step = result.state, result.last["step"]
   if FLAGS.sample_prompt and FLAGS.max_new_tokens and jax.process_index() == 0:
@@ -87,14 +93,14 @@ def pretraining_main(argv) -> None:
 # --- Training on preference rows (reward.py, dpo.py).
 
 
-def read_preferences() -> Tuple[List[Preference], List[Preference]]:
+def read_preferences(bad_rows: MalformedCounter) -> Tuple[List[Preference], List[Preference]]:
   """(training, held-out) preferences of the JSONL files of every --data pattern, split by
-  --seed."""
+  --seed; rows skipped by --on_bad_row=skip are counted in `bad_rows`."""
   if any("@" in spec for spec in FLAGS.data):
     raise ValueError(f"--data {FLAGS.data}: preference files take no @WEIGHT")
   paths = [path for spec in FLAGS.data for path in expand_pattern(spec)]
   skip = FLAGS.on_bad_row == "skip"
-  rows = [row for path in paths for row in read_jsonl(path, parse_preference_row, skip)]
+  rows = [row for path in paths for row in read_jsonl(path, parse_preference_row, skip, bad_rows)]
   if not rows:
     raise ValueError(f"--data {FLAGS.data}: no usable preference rows in {paths}")
   return split_rows(rows, FLAGS.held_out_fraction, FLAGS.seed)
@@ -118,11 +124,12 @@ def fit_preferences(
   shown: Sequence[str],
   cfg: ModelConfig,
   kind: str,
+  bad_rows: MalformedCounter,
 ) -> Tuple[Dict, Dict]:
   """`Trainer.fit` with the flags: batches of --global_batch_size `rows` shuffled by --seed,
   held-out metrics averaged over `eval_rows` at the start and every --eval_every steps,
   checkpoints of a `kind` model in --checkpoint_dir (resumed when there; a resume must keep the
-  data, split, batch, length and seed), metrics to --metrics_file. Returns (start, last)
+  data, split, batch, length and seed), metrics to --metrics_file, --tensorboard_dir, --wandb_project, curves to --plot_file, with the count of `bad_rows` skipped (`malformed_rows`). Returns (start, last)
   records."""
   settings = cli.checkpoint_config()
   checkpointer = None
@@ -146,10 +153,12 @@ def fit_preferences(
       kind,
       checkpointer=checkpointer,
       run_config=order,
-      metrics_file=FLAGS.metrics_file,
+      metrics=cli.metrics_outputs(),
+      extras=lambda: {"malformed_rows": bad_rows.total} if bad_rows.total else {},
     )
   finally:
     if checkpointer:
       checkpointer.close()
+  cli.plot_run(trainer.records)
   exit_if_stopped(trainer.stop_signal, last["step"])
   return first, last

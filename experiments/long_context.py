@@ -38,6 +38,7 @@ cli.define(
   "model",
   "tiles",
   "mesh",
+  "rows",
   "training",
   "memory",
   "schedule",
@@ -149,7 +150,7 @@ def main(argv):
       tokenizer,
       evaluation,
       init_params=init_params,
-      metrics_file=FLAGS.metrics_file,
+      metrics=cli.metrics_outputs(),
     )
     jobs.exit_if_stopped(result.stop_signal, result.last["step"])
     if summary is None or jax.process_index() > 0:
@@ -171,6 +172,7 @@ def main(argv):
       f"{summary['short_context_loss']:.4f} at {evaluation.short_seq_len} | NIAH {scores}",
       flush=True,
     )
+  cli.plot_run(())
 
 
 if __name__ == "__main__":

@@ -17,15 +17,22 @@ from absl import flags, logging
 
 import llama3_jax as l3
 from llama3_jax.convert import load_checkpoint
-from llama3_jax.data.chat import read_jsonl
+from llama3_jax.data.chat import parse_prompt_row, read_jsonl
 from llama3_jax.model.spec import REWARD
 from llama3_jax.parallel import make_mesh, mesh_context
 from llama3_jax.parallel.layout import Layout
 from llama3_jax.posttrain.rejection import rejection_sample
-from llama3_jax.tokenizer.chat_format import Message
 
 cli.define(
-  "checkpoint", "preset", "model", "mesh", "generation", "sampling", "output", "reward_model"
+  "checkpoint",
+  "preset",
+  "model",
+  "mesh",
+  "generation",
+  "sampling",
+  "output",
+  "reward_model",
+  "rows",
 )
 cli.required("output", "reward_model")
 FLAGS = flags.FLAGS
@@ -36,13 +43,6 @@ _SAMPLES = flags.DEFINE_integer("samples", 4, "Responses sampled per prompt (K).
 _PAIRS = flags.DEFINE_string(
   "pairs_output", None, "Also write best vs worst preference rows (for DPO) here."
 )
-
-
-def _prompt(row):
-  messages = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
-  if not isinstance(messages, list) or not messages:
-    raise ValueError('a prompt row needs a non-empty "prompt" (or "messages") list')
-  return [Message.from_dict(m) for m in messages]
 
 
 def _best_dialog(prompt_rows, scored):
@@ -65,7 +65,9 @@ def main(argv):
   rng = jax.random.key(FLAGS.seed)
   pairs = open(_PAIRS.value, "w") if _PAIRS.value else None
   with open(FLAGS.output, "w") as out, mesh_context(mesh):
-    for number, prompt in enumerate(read_jsonl(_PROMPTS.value, _prompt), start=1):
+    for number, prompt in enumerate(
+      read_jsonl(_PROMPTS.value, parse_prompt_row, FLAGS.on_bad_row == "skip"), start=1
+    ):
       rng, prompt_rng = jax.random.split(rng)
       scored = rejection_sample(
         chat,

@@ -11,18 +11,19 @@ kind="reward")`).
 import functools
 
 import cli
-import jobs
 import jax
+import jobs
 from absl import flags, logging
 
 import llama3_jax as l3
 from llama3_jax.convert import save_orbax
+from llama3_jax.data.sources import MalformedCounter
 from llama3_jax.model.spec import REWARD, reward_params_from_lm
 from llama3_jax.parallel import make_mesh
 from llama3_jax.posttrain.reward import preference_rows, reward_loss
 from llama3_jax.posttrain.trainer import with_values
 
-cli.define("checkpoint", "preset", "model", "mesh", "batch", "steps", "training", "output")
+cli.define("checkpoint", "preset", "model", "mesh", "batch", "steps", "training", "rows", "output")
 cli.required("data")
 FLAGS = flags.FLAGS
 
@@ -33,7 +34,8 @@ def main(argv):
   chat = l3.ChatFormat(l3.Tokenizer.default())
   mesh = make_mesh(cli.mesh_config())
   cfg, lm_params = cli.load_model(mesh, param_dtype="float32")
-  train_prefs, held_out = jobs.read_preferences()
+  bad_rows = MalformedCounter()
+  train_prefs, held_out = jobs.read_preferences(bad_rows)
   train_rows = preference_rows(chat, train_prefs, FLAGS.seq_len)
   eval_rows = preference_rows(chat, held_out, FLAGS.seq_len)
   logging.info("%d training and %d held-out preferences", len(train_prefs), len(held_out))
@@ -47,7 +49,9 @@ def main(argv):
     mesh,
   )
   shown = ("loss", "accuracy", "eval_accuracy")
-  before, after = jobs.fit_preferences(trainer, train_rows, eval_rows, shown, cfg, REWARD.kind)
+  before, after = jobs.fit_preferences(
+    trainer, train_rows, eval_rows, shown, cfg, REWARD.kind, bad_rows
+  )
   if FLAGS.output:
     save_orbax(FLAGS.output, cfg, trainer.state.params, kind=REWARD.kind)
     logging.info("Reward model written to %s", FLAGS.output)

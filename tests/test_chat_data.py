@@ -139,3 +139,58 @@ def test_sft_rows_carry_targets_and_the_loss_counts_only_them(tmp_path):
   np.testing.assert_allclose(float(ce_sum), -picked[counted].sum(), rtol=1e-5)
   assert int(np.asarray(valid).sum()) == int(counted.sum()) < int((seg[:, 1:] > 0).sum())
   assert counter.total >= 1  # the dialog without an answer (and the bad line) were skipped
+
+
+OPENAI_DIALOG = [
+  {"role": "system", "content": "You are terse."},
+  {"role": "user", "content": "Weather in Paris?"},
+  {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+      {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "brave_search", "arguments": '{"query": "Paris weather"}'},
+      }
+    ],
+    "stop_reason": "end_of_message",
+  },
+  {"role": "tool", "tool_call_id": "c1", "content": '{"temperature": "12C"}'},
+  {"role": "assistant", "content": "It is 12C in Paris."},
+  {"role": "user", "content": "Thanks!"},
+]
+
+
+def test_dict_messages_in_the_openai_layout_encode_as_metas():
+  """{"role", "content"} dicts, OpenAI tool calls (arguments as JSON text) and `tool` results
+  encode as the Message dialog, which is Meta's encoding."""
+  assert CHAT.encode_dialog_prompt(OPENAI_DIALOG) == CHAT.encode_dialog_prompt(DIALOG)
+  expected = _meta_tokens(DIALOG)
+  np.testing.assert_array_equal(encode_dialog(CHAT, OPENAI_DIALOG).tokens, expected)
+  with pytest.raises(ValueError, match="Tool call arguments are not JSON: '{query'"):
+    Message.from_dict(
+      {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{query"}}],
+      }
+    )
+
+
+def test_trl_conversational_preference_rows_parse_as_ours():
+  prompt = [{"role": "user", "content": "Best pet?"}]
+  ours = {"prompt": prompt, "chosen": "A llama.", "rejected": "A rock."}
+  explicit = {
+    "prompt": prompt,
+    "chosen": [{"role": "assistant", "content": "A llama."}],
+    "rejected": [{"role": "assistant", "content": "A rock."}],
+  }
+  implicit = {
+    "chosen": prompt + [{"role": "assistant", "content": "A llama."}],
+    "rejected": prompt + [{"role": "assistant", "content": "A rock."}],
+  }
+  expected = parse_preference_row(ours)
+  assert parse_preference_row(explicit) == expected == parse_preference_row(implicit)
+  with pytest.raises(ValueError, match="'chosen' as a list must hold one assistant message, got 2"):
+    parse_preference_row({**explicit, "chosen": explicit["chosen"] * 2})

@@ -38,6 +38,7 @@ from llama3_jax.data.pipeline import check_position
 from llama3_jax.train import loop
 from llama3_jax.train.checkpoint_dir import LOCK_FILE
 from llama3_jax.train.checkpointing import RunCheckpointer
+from llama3_jax.train.metrics import MetricsOutputs
 from llama3_jax.train.optimizer import learning_rate_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +115,7 @@ def test_resume_with_other_data_is_refused_by_name_unless_allowed(tmp_path, toke
 def test_more_steps_keep_the_checkpoints_schedule(tmp_path, tokenizer):
   loop.train_run(_run(tmp_path, 2), tokenizer)
   metrics = tmp_path / "more.jsonl"
-  loop.train_run(_run(tmp_path, 4), tokenizer, metrics_file=str(metrics))
+  loop.train_run(_run(tmp_path, 4), tokenizer, metrics=MetricsOutputs(jsonl=str(metrics)))
   with open(metrics) as f:
     lrs = {r["step"]: r["lr"] for r in map(json.loads, f)}
   kept = learning_rate_schedule(_run(tmp_path, 2).optimizer, 2)
@@ -174,7 +175,7 @@ def test_sigterm_on_a_skipped_pretraining_step_saves_it(tmp_path, tokenizer):
     tokenizer,
     init_params=params,
     batches=_sigterm_while_step_runs(batches, 2),
-    metrics_file=str(tmp_path / "metrics.jsonl"),
+    metrics=MetricsOutputs(jsonl=str(tmp_path / "metrics.jsonl")),
   )
   assert result.last["step"] == 2 and result.last["skipped"]
   assert int(result.state.step) == 0 and int(result.state.nonfinite_total) == 2
@@ -226,10 +227,10 @@ def test_every_step_carries_a_manifest_of_its_files(tmp_path, tokenizer):
 
 def test_a_flipped_byte_is_found_and_resume_falls_back_exactly(tmp_path, tokenizer):
   straight = tmp_path / "straight.jsonl"
-  loop.train_run(_run(tmp_path / "a", 5), tokenizer, metrics_file=str(straight))
+  loop.train_run(_run(tmp_path / "a", 5), tokenizer, metrics=MetricsOutputs(jsonl=str(straight)))
   interrupted = tmp_path / "interrupted.jsonl"
   first_part = _run(tmp_path / "b", 4, decay_steps=5)
-  loop.train_run(first_part, tokenizer, metrics_file=str(interrupted))
+  loop.train_run(first_part, tokenizer, metrics=MetricsOutputs(jsonl=str(interrupted)))
   target = _largest_file(tmp_path / "b" / "4")
   with open(target, "r+b") as f:
     f.seek(os.path.getsize(target) // 2)
@@ -242,10 +243,13 @@ def test_a_flipped_byte_is_found_and_resume_falls_back_exactly(tmp_path, tokeniz
   )
   with pytest.raises(ValueError, match="not intact: .* differs from its digest"):
     l3.load_checkpoint(str(tmp_path / "b" / "4"))
-  loop.train_run(_run(tmp_path / "b", 5), tokenizer, metrics_file=str(interrupted))
+  resumed = loop.train_run(
+    _run(tmp_path / "b", 5), tokenizer, metrics=MetricsOutputs(jsonl=str(interrupted))
+  )
   assert os.path.isdir(tmp_path / "b" / "rejected-step-4")  # set aside, not deleted
+  assert [r["step"] for r in resumed.records] == [4, 5]  # resumed from 3
   with open(interrupted) as f:
-    assert [r["step"] for r in map(json.loads, f)] == [1, 2, 3, 4, 4, 5]  # resumed from 3
+    assert [r["step"] for r in map(json.loads, f)] == [1, 2, 3, 4, 5]  # step 4 once
   assert _losses(interrupted) == _losses(straight)  # bitwise
 
 

@@ -33,6 +33,7 @@ from llama3_jax.data.packing import WHOLE, PackIterDataset
 from llama3_jax.data.passkey import PasskeyDocuments, digit_token_ids, key_copies
 from llama3_jax.train.long_context import StageEvaluation, stage_runs
 from llama3_jax.train.loop import train_run
+from llama3_jax.train.metrics import MetricsOutputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,8 +223,8 @@ def test_stages_switch_at_closed_form_steps_and_resume_exactly_inside_and_across
   resuming from the checkpoint on its stage's mesh. The losses are bitwise equal."""
   plan, runs = _plan_run(tmp_path / "a", tokenizer)
   straight = tmp_path / "a.jsonl"
-  train_run(runs[0], tokenizer, metrics_file=str(straight), until=plan.end_step(0))
-  train_run(runs[1], tokenizer, metrics_file=str(straight), until=plan.end_step(1))
+  train_run(runs[0], tokenizer, metrics=MetricsOutputs(jsonl=str(straight)), until=plan.end_step(0))
+  train_run(runs[1], tokenizer, metrics=MetricsOutputs(jsonl=str(straight)), until=plan.end_step(1))
   expected = _records(straight)
   assert [expected[s]["batch_shape"] for s in range(1, 7)] == [[8, 32]] * 3 + [[4, 64]] * 3
   assert {r["batch_shape"][0] * r["batch_shape"][1] for r in expected.values()} == {256}
@@ -231,7 +232,7 @@ def test_stages_switch_at_closed_form_steps_and_resume_exactly_inside_and_across
   plan, runs = _plan_run(tmp_path / "b", tokenizer)
   parts = tmp_path / "b.jsonl"
   for stage, until in ((0, 2), (0, 3), (1, 5), (1, 6)):
-    train_run(runs[stage], tokenizer, metrics_file=str(parts), until=until)
+    train_run(runs[stage], tokenizer, metrics=MetricsOutputs(jsonl=str(parts)), until=until)
   got = _records(parts)
   assert sorted(got) == list(range(1, 7))
   assert [got[s]["loss"] for s in range(1, 7)] == [expected[s]["loss"] for s in range(1, 7)]

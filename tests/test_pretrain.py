@@ -1,5 +1,7 @@
-"""Pretraining runs end to end: exact resume after a kill, restore onto another mesh, clear errors."""
+"""Pretraining runs end to end: exact resume after a kill (its metrics one record per step in the
+JSON lines and TensorBoard, and its curves drawn), restore onto another mesh, clear errors."""
 
+import glob
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import llama3_jax as l3
 from llama3_jax.config import (
@@ -24,6 +27,7 @@ from llama3_jax.config import (
 )
 from llama3_jax.train.checkpointing import check_resumable
 from llama3_jax.train.loop import train
+from llama3_jax.train.metrics import MetricsOutputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +86,15 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path):
   expected, got = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
   assert sorted(got) == list(range(1, 21))
   assert [got[s] for s in range(1, 21)] == [expected[s] for s in range(1, 21)]
+  with open(tmp_path / "b.jsonl") as f:  # steps 11.. were written twice: kept once
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 21))
+  events = EventAccumulator(str(tmp_path / "b" / "tensorboard"))  # its default: beside the steps
+  events.Reload()
+  logged = events.Scalars("train/loss")
+  assert [e.step for e in logged] == list(range(1, 21))
+  np.testing.assert_allclose([e.value for e in logged], [got[s] for s in range(1, 21)], rtol=1e-6)
+  assert len(glob.glob(str(tmp_path / "b" / "tensorboard" / "events.out.tfevents.*"))) == 2
+  assert os.path.getsize(tmp_path / "b" / "metrics.png") > 10_000  # the run's curves
   assert expected[20] < expected[1]
   shapes = [r["batch_shape"] for r in map(json.loads, open(tmp_path / "a.jsonl"))]
   assert shapes == [[2, 32]] * 5 + [[3, 24]] * 15
@@ -105,10 +118,20 @@ def tokenizer():
 
 
 def test_checkpoint_restores_onto_another_mesh_with_the_same_losses(tmp_path, tokenizer):
-  train(_run(tmp_path / "a", 8, "fsdp=8"), tokenizer, metrics_file=str(tmp_path / "a.jsonl"))
-  train(_run(tmp_path / "b", 5, "fsdp=8"), tokenizer, metrics_file=str(tmp_path / "b.jsonl"))
+  train(
+    _run(tmp_path / "a", 8, "fsdp=8"),
+    tokenizer,
+    metrics=MetricsOutputs(jsonl=str(tmp_path / "a.jsonl")),
+  )
+  train(
+    _run(tmp_path / "b", 5, "fsdp=8"),
+    tokenizer,
+    metrics=MetricsOutputs(jsonl=str(tmp_path / "b.jsonl")),
+  )
   state = train(
-    _run(tmp_path / "b", 8, "fsdp=4,tensor=2"), tokenizer, metrics_file=str(tmp_path / "b.jsonl")
+    _run(tmp_path / "b", 8, "fsdp=4,tensor=2"),
+    tokenizer,
+    metrics=MetricsOutputs(jsonl=str(tmp_path / "b.jsonl")),
   )
   wq = state.params["layers"]["attention"]["wq"]
   assert wq.sharding.spec == P("pipeline", "fsdp", "tensor", None)  # pipeline has degree 1

@@ -18,12 +18,14 @@ from llama3_jax.convert.hf_fp8 import (
   fp8_fields_from_hf,
   read_e4m3,
 )
+from llama3_jax.convert.hf_tokenizer import save_hf_tokenizer
 from llama3_jax.convert.layout import (
   assemble_params,
   check_all_used,
   iter_torch_tensors,
   same_bits,
 )
+from llama3_jax.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,6 +92,16 @@ def config_from_hf(hf: Dict, source: str = CONFIG_FILE, **overrides) -> ModelCon
   return build(ModelConfig, source, **fields)
 
 
+def _max_positions(cfg: ModelConfig) -> int:
+  """max_position_embeddings: the model's max_seq_len, unless RoPE scaling's original context is
+  not below it (transformers warns of such a config): then the context the scaling extends to
+  (original context x factor). Every config transformers takes without a warning round-trips."""
+  scaling = cfg.rope_scaling
+  if scaling is None or cfg.max_seq_len > scaling.original_context:
+    return cfg.max_seq_len
+  return int(scaling.original_context * scaling.factor)
+
+
 def config_to_hf(cfg: ModelConfig) -> Dict:
   """A LlamaConfig dict in the layout of Meta's published config.json files (fp8 models: that of
   Meta's FP8 release)."""
@@ -106,7 +118,7 @@ def config_to_hf(cfg: ModelConfig) -> Dict:
     "hidden_act": "silu",
     "rms_norm_eps": cfg.norm_eps,
     "rope_theta": cfg.rope_theta,
-    "max_position_embeddings": cfg.max_seq_len,
+    "max_position_embeddings": _max_positions(cfg),
     "tie_word_embeddings": cfg.tie_embeddings,
     "attention_bias": False,
     "mlp_bias": False,
@@ -195,10 +207,16 @@ def load_hf(path: str, **overrides) -> Tuple[ModelConfig, Dict]:
 
 
 def save_hf(
-  path: str, cfg: ModelConfig, params: Dict, max_shard_bytes: Optional[int] = 5 << 30
+  path: str,
+  cfg: ModelConfig,
+  params: Dict,
+  max_shard_bytes: Optional[int] = 5 << 30,
+  tokenizer: Optional[Tokenizer] = None,
 ) -> None:
   """Writes config.json and safetensors shards (with an index when there are several) into a new or
-  empty directory."""
+  empty directory, all files readable by everyone; and, for a model of the tokenizer's vocabulary
+  (default: Llama 3's), the tokenizer (tokenizer.json, tokenizer_config.json with the chat
+  template) and generation_config.json, so that `AutoTokenizer` and `pipeline` take the directory."""
   if os.path.isdir(path) and os.listdir(path):
     raise FileExistsError(
       f"Refusing to write a Hugging Face checkpoint into non-empty directory {path}"
@@ -206,6 +224,23 @@ def save_hf(
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)
+  _save_weights(path, cfg, params, max_shard_bytes)
+  tokenizer = tokenizer or Tokenizer.default()
+  if tokenizer.vocab_size == cfg.vocab_size:
+    save_hf_tokenizer(path, tokenizer, _max_positions(cfg))
+  else:
+    logging.warning(
+      "%s: no tokenizer files (the model's vocabulary has %d tokens, the tokenizer's %d)",
+      path,
+      cfg.vocab_size,
+      tokenizer.vocab_size,
+    )
+  for name in os.listdir(path):
+    os.chmod(os.path.join(path, name), 0o644)
+
+
+def _save_weights(path: str, cfg: ModelConfig, params: Dict, max_shard_bytes: Optional[int]):
+  """The safetensors shards of `params` (with an index when there are several) in `path`."""
   shards, current, size = [], {}, 0
   for spec, w in iter_torch_tensors(cfg, params):
     if current and max_shard_bytes and size + w.nbytes > max_shard_bytes:

@@ -14,7 +14,7 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from llama3_jax.data.sources import MAX_ROW_BYTES
+from llama3_jax.data.sources import MAX_ROW_BYTES, MalformedCounter
 from llama3_jax.tokenizer.chat_format import ChatFormat, Message
 
 
@@ -37,7 +37,7 @@ def encode_dialog(chat: ChatFormat, messages: Sequence[Message], bos: bool = Tru
   tokens: List[int] = [chat.tokenizer.bos_id] if bos else []
   content: List[bool] = [False] * len(tokens)
   end: List[bool] = [False] * len(tokens)
-  for message in messages:
+  for message in map(Message.from_dict, messages):
     ids = chat.encode_message(message)
     header = len(chat.encode_header(message.role))
     mine = message.role == "assistant"
@@ -56,13 +56,26 @@ def _messages(value: Any, what: str) -> List[Message]:
 
 
 def _response(value: Any, what: str) -> Message:
-  """A response: an assistant message object, or its text."""
+  """A response: an assistant message object, a list of just that message (TRL's conversational
+  layout), or its text."""
   if isinstance(value, str):
     return Message("assistant", value)
+  if isinstance(value, list):
+    if len(value) != 1:
+      raise ValueError(f"{what} as a list must hold one assistant message, got {len(value)}")
+    value = value[0]
   message = Message.from_dict(value)
   if message.role != "assistant":
     raise ValueError(f"{what} must be an assistant message, got role {message.role!r}")
   return message
+
+
+def parse_prompt_row(row: Mapping[str, Any]) -> List[Message]:
+  """{"prompt": [messages]} (or "messages") -> the prompt's messages."""
+  messages = row.get("prompt", row.get("messages")) if isinstance(row, Mapping) else None
+  if not isinstance(messages, list) or not messages:
+    raise ValueError('A prompt row needs a non-empty "prompt" (or "messages") list')
+  return _messages(messages, "the prompt")
 
 
 def parse_sft_row(row: Mapping[str, Any]) -> List[Message]:
@@ -89,10 +102,30 @@ def ranked_pairs(n_responses: int) -> List[tuple]:
   return [(i, j) for i in range(n_responses) for j in range(i + 1, n_responses)]
 
 
+def _implicit_prompt(row: Mapping[str, Any]) -> Mapping[str, Any]:
+  """TRL's implicit-prompt layout (`chosen` and `rejected` whole dialogs, the prompt their common
+  messages) as a row with a `prompt`; any other row as it is."""
+  dialogs = [row.get(k) for k in ("chosen", "rejected")]
+  if "prompt" in row or not all(isinstance(d, list) and len(d) > 1 for d in dialogs):
+    return row
+  shared = 0
+  while shared < min(map(len, dialogs)) and dialogs[0][shared] == dialogs[1][shared]:
+    shared += 1
+  return {
+    **row,
+    "prompt": dialogs[0][:shared],
+    **{k: d[shared:] for k, d in zip(("chosen", "rejected"), dialogs)},
+  }
+
+
 def parse_preference_row(row: Mapping[str, Any]) -> Preference:
-  """{"prompt": [messages], "chosen": response, "rejected": response, "edited"?: response}."""
+  """{"prompt": [messages], "chosen": response, "rejected": response, "edited"?: response}; a
+  response is an assistant message, a list of one (TRL's conversational layout) or its text.
+  Without `prompt`, `chosen` and `rejected` may be whole dialogs that share it (TRL's implicit
+  prompt)."""
   if not isinstance(row, Mapping):
     raise ValueError(f"A preference row must be an object, got {row!r}")
+  row = _implicit_prompt(row)
   unknown = sorted(set(row) - {"prompt", "chosen", "rejected", "edited"})
   missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
   if unknown or missing:
@@ -101,11 +134,13 @@ def parse_preference_row(row: Mapping[str, Any]) -> Preference:
   return Preference(_messages(row["prompt"], "'prompt'"), ranked)
 
 
-def read_jsonl(path: str, parse, skip_bad: bool = False) -> Iterator:
+def read_jsonl(
+  path: str, parse, skip_bad: bool = False, counter: Optional[MalformedCounter] = None
+) -> Iterator:
   """`parse(row)` of every non-blank line of a JSONL file. A line that fails in any way (not
   UTF-8, not JSON, nested too deep, longer than MAX_ROW_BYTES, rejected by `parse`) is an error
   naming the file, the line (from 1) and the reason: a ValueError, or with `skip_bad` a warning
-  and the line left out."""
+  and the line left out (counted in `counter`)."""
   skipped = 0
   with open(path, "rb") as f:
     for number, line in enumerate(f, start=1):
@@ -121,6 +156,8 @@ def read_jsonl(path: str, parse, skip_bad: bool = False) -> Iterator:
         if not skip_bad:
           raise ValueError(message) from None
         skipped += 1
+        if counter is not None:
+          counter.add(path, f"{path}:{number}")
         logging.warning("Skipping bad row %s (%d skipped in this file)", message, skipped)
         continue
       yield row

@@ -27,27 +27,31 @@ _SCAN_CHUNK_BYTES = 1 << 24
 
 
 class MalformedCounter:
-  """Thread-safe count of malformed documents skipped, per source name."""
+  """Thread-safe count of the malformed rows skipped, per source name; a row read again (another
+  epoch, a resume, the held-out split) counts once."""
 
   def __init__(self):
     self._lock = threading.Lock()
-    self._counts = collections.Counter()
+    self._rows = collections.defaultdict(set)
 
-  def add(self, source: str) -> int:
-    """Counts one skipped document of `source`; returns the total skipped so far over all sources."""
+  def add(self, source: str, where: str) -> Optional[int]:
+    """Counts the malformed row `where` of `source`; returns the total over all sources when the
+    row is new, None when it was counted before."""
     with self._lock:
-      self._counts[source] += 1
-      return sum(self._counts.values())
+      if where in self._rows[source]:
+        return None
+      self._rows[source].add(where)
+      return sum(map(len, self._rows.values()))
 
   def counts(self) -> dict[str, int]:
-    """Skipped documents per source name."""
+    """Skipped rows per source name."""
     with self._lock:
-      return dict(self._counts)
+      return {source: len(rows) for source, rows in self._rows.items()}
 
   @property
   def total(self) -> int:
     with self._lock:
-      return sum(self._counts.values())
+      return sum(map(len, self._rows.values()))
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -84,8 +88,8 @@ class DocumentSource(Sequence):
       raise ValueError(
         f"{where}: {reason} (skip such rows: --on_bad_row=skip, DataConfig.skip_malformed=True)"
       )
-    total = self.counter.add(self.name)
-    if total <= LOG_FIRST or total % LOG_EVERY == 0:
+    total = self.counter.add(self.name, where)
+    if total is not None and (total <= LOG_FIRST or total % LOG_EVERY == 0):
       logging.warning(
         "Skipping malformed document %s: %s (%d skipped so far).", where, reason, total
       )

@@ -19,6 +19,7 @@ from llama3_jax.parallel.layout import Layout
 from llama3_jax.train.checkpointing import RunCheckpointer
 from llama3_jax.train.fit import FitPolicy, Task, fit
 from llama3_jax.train.flops import train_flops_per_token
+from llama3_jax.train.metrics import MetricsOutputs
 from llama3_jax.train.train_state import TrainState
 from llama3_jax.train.train_step import guarded_update
 
@@ -42,6 +43,7 @@ class Trainer:
     frozen: Optional[Dict] = None,
   ):
     self.layout, self._frozen, self.stop_signal = layout, frozen or {}, None
+    self.records = ()
     abstract = jax.eval_shape(lambda: TrainState.create(boxed, tx))
     self.shardings = logical_shardings(abstract, layout.mesh)
     params = jax.tree.map(jax.device_put, nn.unbox(boxed), self.shardings.params)
@@ -87,14 +89,16 @@ class Trainer:
     kind: str = "lm",
     checkpointer: Optional[RunCheckpointer] = None,
     run_config: Optional[Dict] = None,
-    metrics_file: Optional[str] = None,
+    metrics: Optional[MetricsOutputs] = None,
+    extras: Callable[[], Dict] = dict,
   ) -> Tuple[Dict, Dict]:
     """Trains with the loop core (train/fit.py) and keeps the final state (and `stop_signal`, the
-    signal that stopped it early, or None); returns the records of the start and of the last
+    signal that stopped it early, or None, and `records`, those of every step); returns the records of the start and of the last
     step. `evaluate(params)` gives held-out metrics, a progress line shows the `shown` entries of a
     record; `cfg` is the model (architecture) and `kind` its kind
     ("lm" or "reward"), saved with every checkpoint with `run_config`: what a resume must not
-    change (data, batch size, seed: `batches` repeats the interrupted run's order)."""
+    change (data, batch size, seed: `batches` repeats the interrupted run's order). `extras()`
+    adds entries to every record."""
     run_config = run_config or {}
     task = Task(
       model=cfg,
@@ -105,12 +109,13 @@ class Trainer:
       size=lambda batch: self.size(batch, cfg),
       run_config={**run_config, "model": cfg.to_dict(), MODEL_KIND_KEY: kind},
       resume_keys=tuple(run_config),
+      extras=extras,
     )
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
     )
-    result = fit(task, batches, policy, lambda: self.state, abstract, checkpointer, metrics_file)
-    self.state, self.stop_signal = result.state, result.stop_signal
+    result = fit(task, batches, policy, lambda: self.state, abstract, checkpointer, metrics)
+    self.state, self.stop_signal, self.records = result.state, result.stop_signal, result.records
     return result.first, result.last
 
 

@@ -40,7 +40,23 @@ class ToolCall:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ToolCall:
-    """Builds a ToolCall from `{"call_id", "tool_name", "arguments"}`."""
+    """Builds a ToolCall from `{"call_id", "tool_name", "arguments"}`, or from the OpenAI / Hugging
+    Face layout `{"id"?, "type": "function", "function": {"name", "arguments"}}` (arguments an
+    object or its JSON text)."""
+    if isinstance(d, Mapping) and "function" in d:
+      _unknown_keys(d, ("id", "type", "function"), "tool call")
+      function = d["function"]
+      if not isinstance(function, Mapping) or "name" not in function:
+        raise ValueError(f"Tool call 'function' must be an object with a 'name', got {function!r}")
+      arguments = function.get("arguments", {})
+      if isinstance(arguments, str):
+        try:
+          arguments = json.loads(arguments)
+        except ValueError:
+          raise ValueError(f"Tool call arguments are not JSON: {arguments!r}") from None
+      d = {"call_id": d.get("id", ""), "tool_name": function["name"], "arguments": arguments}
+    if not isinstance(d, Mapping):
+      raise ValueError(f"A tool call must be an object, got {d!r}")
     fields = ("call_id", "tool_name", "arguments")
     _unknown_keys(d, fields, "tool call")
     missing = [name for name in fields if name not in d]
@@ -90,16 +106,25 @@ class Message:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> Message:
-    """Builds a Message from JSON-like `{"role", "content", "tool_calls"?, "stop_reason"?}`."""
+    """Builds a Message from JSON-like `{"role", "content", "tool_calls"?, "stop_reason"?}` (the
+    chat layout of OpenAI and Hugging Face: `content` may be null beside `tool_calls`, and a tool
+    result's `tool_call_id` and `name` are accepted, the Llama 3 format has no place for them)."""
+    if isinstance(d, Message):
+      return d
     if not isinstance(d, Mapping):
       raise ValueError(f"A message must be an object, got {d!r}")
-    _unknown_keys(d, ("role", "content", "tool_calls", "stop_reason"), "message")
+    _unknown_keys(
+      d, ("role", "content", "tool_calls", "stop_reason", "tool_call_id", "name"), "message"
+    )
     for required in ("role", "content"):
       if required not in d:
         raise ValueError(f"Message {dict(d)} is missing {required!r}")
+    content = d["content"]
+    if content is None and d.get("tool_calls"):
+      content = ""
     return cls(
       role=d["role"],
-      content=d["content"],
+      content=content,
       tool_calls=tuple(ToolCall.from_dict(call) for call in d.get("tool_calls", ())),
       stop_reason=d.get("stop_reason", "end_of_turn"),
     )
@@ -125,8 +150,10 @@ class ChatFormat:
       *self._encode_text("\n\n"),
     ]
 
-  def encode_message(self, message: Message) -> list[int]:
-    """Ids of one message: header, <|python_tag|> if the first call is code, content, calls, end."""
+  def encode_message(self, message: Message | Mapping[str, Any]) -> list[int]:
+    """Ids of one message (a Message or its dict, `Message.from_dict`): header, <|python_tag|> if
+    the first call is code, content, calls, end."""
+    message = Message.from_dict(message)
     ids = self.encode_header(message.role)
     if message.tool_calls and message.tool_calls[0].tool_name == CODE_INTERPRETER:
       ids.append(self.tokenizer.python_tag_id)
@@ -137,7 +164,7 @@ class ChatFormat:
     ids.append(self.tokenizer.eom_id if end_of_message else self.tokenizer.eot_id)
     return ids
 
-  def encode_dialog_prompt(self, messages: Sequence[Message]) -> list[int]:
+  def encode_dialog_prompt(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[int]:
     """Ids of <|begin_of_text|>, every message, then an open assistant header."""
     ids = [self.tokenizer.bos_id]
     for message in messages:

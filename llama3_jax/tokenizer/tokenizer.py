@@ -82,6 +82,7 @@ class Tokenizer:
 
   def __init__(self, mergeable_ranks: dict[bytes, int], name: str = "llama3"):
     num_base_tokens = len(mergeable_ranks)
+    self.mergeable_ranks = mergeable_ranks  # BPE token bytes -> rank (= id)
     self.special_tokens: dict[str, int] = {
       token: num_base_tokens + i for i, token in enumerate(special_token_names())
     }

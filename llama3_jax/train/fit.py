@@ -25,6 +25,7 @@ from llama3_jax.train.checkpointing import (
   any_process,
   check_resumable,
 )
+from llama3_jax.train.metrics import MetricsOutputs, MetricsSink
 from llama3_jax.train.signals import StopRequest
 from llama3_jax.train.train_state import TrainState
 
@@ -33,9 +34,9 @@ from llama3_jax.train.train_state import TrainState
 class FitPolicy(ConfigBase):
   """When things happen, in steps. Held-out metrics every `eval_every` steps (0: never) and at the
   last step, and before the first step and at the last with `eval_at_start`; none when a signal
-  stops training early (the save comes first); a progress
-  line every `log_every` steps and at every evaluation; `max_nonfinite_steps` skipped steps in a
-  row raise FloatingPointError. `peak_tflops_per_device` (0: unknown) turns TFLOP/s into MFU.
+  stops training early (the save comes first); a progress line at a session's first step, every
+  `log_every` steps and at every evaluation; `max_nonfinite_steps` skipped steps in a row raise
+  FloatingPointError. `peak_tflops_per_device` (0: unknown) turns TFLOP/s into MFU.
   `allow_data_change`: a resume may change the data settings (see `fit`)."""
 
   steps: int
@@ -145,14 +146,16 @@ class RunProgress:
 @dataclasses.dataclass
 class FitResult:
   """The final state; the records of the start (step and, with `eval_at_start`, held-out
-  metrics) and of the last step; where the time went; the signal that stopped training early
-  (after its save), None when it ran to the end."""
+  metrics), of the last step and of every step of this session (`records`: those written to the
+  metrics outputs); where the time went; the signal that stopped training early (after its save),
+  None when it ran to the end."""
 
   state: TrainState
   first: Dict
   last: Dict
   times: TimeBreakdown
   stop_signal: Optional[int] = None
+  records: Sequence[Dict] = ()
 
 
 class _Throughput:
@@ -219,13 +222,6 @@ def _scalar(value):
   if value.dtype == np.bool_:
     return bool(value)
   return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
-
-
-def _json_safe(record: Dict) -> Dict:
-  """`record` with NaN and infinite numbers as null (JSON has no NaN)."""
-  return {
-    k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-  }
 
 
 def _entry(tree: Dict, dotted: str):
@@ -313,7 +309,7 @@ def fit(
   init_state: Callable[[], TrainState],
   abstract_state: TrainState,
   checkpointer: Optional[RunCheckpointer] = None,
-  metrics_file: Optional[str] = None,
+  metrics: Optional[MetricsOutputs] = None,
 ) -> FitResult:
   """Trains `task` on `batches` (host dicts of [B, ...] arrays) up to `policy.steps`.
 
@@ -321,20 +317,21 @@ def fit(
   into `abstract_state`: ShapeDtypeStructs with shardings), else the state is `init_state()`; the state
   (with the data position, when `batches` has `get_state`) is saved every `save_every` steps, at
   the end, and on SIGTERM or SIGINT, which end training after the current step; the directory
-  is checked for room and locked against other runs for the time of training. Records (JSON
-  lines) are appended to `metrics_file`. The next batch is read while the devices run the current step.
+  is checked for room and locked against other runs for the time of training. Process 0 writes
+  the records to the `metrics` outputs, one per step across resumes (and the start's with held-out
+  metrics, on a fresh start). The next batch is read while the devices run the current step.
   """
   if not checkpointer:
-    return _train(task, batches, policy, init_state, abstract_state, None, metrics_file)
+    return _train(task, batches, policy, init_state, abstract_state, None, metrics)
   leaves = jax.tree.leaves(abstract_state)
   checkpointer.claim(sum(x.size * x.dtype.itemsize for x in leaves) // jax.process_count())
   try:
-    return _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics_file)
+    return _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics)
   finally:
     checkpointer.release()
 
 
-def _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics_file):
+def _train(task, batches, policy, init_state, abstract_state, checkpointer, metrics):
   """`fit` once the checkpoint directory (if any) is claimed."""
   started, times = time.perf_counter(), TimeBreakdown()
   step, state, stored = (
@@ -365,7 +362,10 @@ def _train(task, batches, policy, init_state, abstract_state, checkpointer, metr
     evaluate(first)
   logging.info("Training from step %d to %d", step, policy.steps)
   stop, throughput, upcoming, stopping = StopRequest(), _Throughput(), None, False
-  metrics_out = open(metrics_file, "a") if metrics_file and jax.process_index() == 0 else None
+  writing = metrics is not None and jax.process_index() == 0
+  sink = metrics.open(step, task.run_config) if writing else MetricsSink()
+  if step == 0 and len(first) > 1:
+    sink.write(first)
   try:
     while step < policy.steps and not stopping:
       batch, placed, position = upcoming or draw()
@@ -399,19 +399,24 @@ def _train(task, batches, policy, init_state, abstract_state, checkpointer, metr
       evaluated = task.evaluate is not None and policy.evaluates_at(step)
       if evaluated:
         evaluate(last)
-      if metrics_out:
-        metrics_out.write(json.dumps(_json_safe(last)) + "\n")
-        metrics_out.flush()
-      if step % policy.log_every == 0 or step == policy.steps or evaluated or stopping:
+      sink.write(last)
+      session_first = step == first["step"] + 1  # its loss: that of the state trained from
+      if (
+        step % policy.log_every == 0
+        or step == policy.steps
+        or evaluated
+        or stopping
+        or session_first
+      ):
         logging.info("%s", _progress_line(last, policy.steps, task.shown))
   finally:
     stop.restore()
-    if metrics_out:
-      metrics_out.close()
+    sink.close()
     if checkpointer:
       t = time.perf_counter()
       checkpointer.wait()
       times.checkpointing += time.perf_counter() - t
   logging.info("Time: %s", times.summary(time.perf_counter() - started))
   logging.info("%s", progress.summary(times.steps))
-  return FitResult(state, first, last, times, stop.signum if step < policy.steps else None)
+  stop_signal = stop.signum if step < policy.steps else None
+  return FitResult(state, first, last, times, stop_signal, sink.records)

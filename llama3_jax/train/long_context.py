@@ -17,6 +17,7 @@ from llama3_jax.data.haystack import Haystack, build_prompt
 from llama3_jax.eval import niah
 from llama3_jax.parallel.layout import Layout
 from llama3_jax.train.loop import HeldOut, train_run
+from llama3_jax.train.metrics import MetricsOutputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ def train_stage(
   evaluation: StageEvaluation,
   *,
   init_params: Optional[Dict] = None,
-  metrics_file: Optional[str] = None,
+  metrics: Optional[MetricsOutputs] = None,
 ):
   """Trains stage `index` (resuming inside it, or from the stage before) and evaluates its end.
   Returns (FitResult, summary record, NIAH records); no evaluation (None, []) when a signal
@@ -105,7 +106,7 @@ def train_stage(
   end = plan.end_step(index)
   layout = Layout.build(run.model, run.mesh, run.train)
   result = train_run(
-    run, tokenizer, init_params=init_params, metrics_file=metrics_file, until=end, layout=layout
+    run, tokenizer, init_params=init_params, metrics=metrics, until=end, layout=layout
   )
   if result.stop_signal is not None:
     return result, None, []

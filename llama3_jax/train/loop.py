@@ -19,6 +19,7 @@ from llama3_jax.parallel.layout import Layout
 from llama3_jax.train.checkpointing import RunCheckpointer
 from llama3_jax.train.fit import FitPolicy, FitResult, Task, fit
 from llama3_jax.train.flops import train_flops_per_token
+from llama3_jax.train.metrics import MetricsOutputs
 from llama3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama3_jax.train.train_state import TrainState, abstract_train_state, create_train_state
 
@@ -160,7 +161,7 @@ def train_run(
   tokenizer,
   *,
   init_params: Optional[Dict] = None,
-  metrics_file: Optional[str] = None,
+  metrics: Optional[MetricsOutputs] = None,
   batches: Optional[Iterator[Dict]] = None,
   until: Optional[int] = None,
   layout: Optional[Layout] = None,
@@ -219,7 +220,7 @@ def train_run(
         init_state,
         abstract_train_state(run.model, tx, layout.mesh),
         checkpointer,
-        metrics_file,
+        metrics,
       )
   finally:
     if checkpointer:
@@ -231,7 +232,7 @@ def train(
   tokenizer,
   *,
   init_params: Optional[Dict] = None,
-  metrics_file: Optional[str] = None,
+  metrics: Optional[MetricsOutputs] = None,
 ) -> TrainState:
   """`train_run`'s final state."""
-  return train_run(run, tokenizer, init_params=init_params, metrics_file=metrics_file).state
+  return train_run(run, tokenizer, init_params=init_params, metrics=metrics).state
