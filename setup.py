@@ -36,7 +36,11 @@ setuptools.setup(
             "pyyaml",
             "tensorboard",  # reads the event files back
             "wandb",
+            "lm-eval",
+            "accelerate",  # lm-eval's hf model
         ],
+        # lm-evaluation-harness (llama3_jax/eval/harness.py, experiments/evaluate.py).
+        "eval": ["lm-eval"],
         # Weights & Biases logging (--wandb_project).
         "wandb": ["wandb"],
         # libtpu matching the installed jax: compiles for TPU topologies on any host (dry_run.py

@@ -59,7 +59,8 @@ def quiet_libraries() -> None:
 
 
 def pretraining_main(argv) -> None:
-  """pretrain.py's and sft.py's main: join the job, train, continue --sample_prompt."""
+  """pretrain.py's and sft.py's main: join the job, train, draw the curves, continue
+  --sample_prompt."""
   del argv
   quiet_libraries()
   initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost)
@@ -85,7 +86,8 @@ def pretraining_main(argv) -> None:
       [prompt],
       max_new_tokens=FLAGS.max_new_tokens,
       stop_ids=tokenizer.stop_ids,
-      sampling=l3.SamplingConfig(temperature=0.0),
+      sampling=l3.SamplingConfig(temperature=FLAGS.sample_temperature, top_p=0.9),
+      rng=jax.random.key(FLAGS.seed),
     )
     print(f"--- sample after step {step}\n{FLAGS.sample_prompt}{tokenizer.decode(sample)}")
 

@@ -30,23 +30,28 @@ def _chat_file(path, bad_rows):
   return path
 
 
-def _pipeline(path, skip):
+def _pipeline(path, skip, epochs=1):
   data = DataConfig(
     sources=(DataSource(str(path), "chat"),),
     seq_len=32,
     global_batch_size=2,
     held_out_fraction=0.0,
-    num_epochs=1,
+    num_epochs=epochs,
     skip_malformed=skip,
   )
   counter = MalformedCounter()
   return make_pipeline(data, TOKENIZER, counter=counter), counter
 
 
-def test_bad_sft_rows_are_skipped_and_counted(tmp_path):
-  batches, counter = _pipeline(_chat_file(tmp_path / "chat.jsonl", BAD_ROWS), skip=True)
+def test_bad_sft_rows_are_skipped_and_counted_once(tmp_path, caplog):
+  path = _chat_file(tmp_path / "chat.jsonl", BAD_ROWS)
+  batches, counter = _pipeline(path, skip=True, epochs=3)
   assert list(batches)  # the good rows train
-  assert counter.total == len(BAD_ROWS)
+  assert counter.counts() == {str(path): len(BAD_ROWS)}  # each read 3 times, counted once
+  logged = [r.getMessage() for r in caplog.records if "Skipping malformed" in r.getMessage()]
+  assert sorted(m.split(": ")[0] for m in logged) == [
+    f"Skipping malformed document {path}:{line}" for line in sorted(BAD_ROWS)
+  ]
 
 
 @pytest.mark.parametrize("line", sorted(BAD_ROWS))
