@@ -88,44 +88,34 @@ def test_rolling_log_likelihoods_and_generations_are_the_harness_hf_models(both)
   )
 
 
+def _run(*command):
+  """Runs `command` (after the interpreter) from the repository root; its CompletedProcess."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1", "XLA_FLAGS": ""}
+  done = subprocess.run(
+    [sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
 def test_the_harness_command_line_and_evaluate_py_run_our_model(checkpoints, tmp_path):
   output = tmp_path / "eval.json"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1", "XLA_FLAGS": ""}
-  harness = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "llama3_jax.eval.harness",
-      "--model=llama3_jax",
-      f"--model_args=checkpoint={checkpoints[0]}",
-      "--batch_size=4",
-      "--tasks=llama3_jax_mc",
-      f"--include_path={TASKS_DIR}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  tasks = ["--tasks=llama3_jax_mc", f"--include_path={TASKS_DIR}"]
+  harness = _run(
+    "-m",
+    "llama3_jax.eval.harness",
+    "--model=llama3_jax",
+    f"--model_args=checkpoint={checkpoints[0]}",
+    "--batch_size=4",
+    *tasks,
   )
-  assert harness.returncode == 0, harness.stderr[-3000:]
   assert "llama3_jax_mc" in harness.stdout and "acc" in harness.stdout
-  evaluate = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO, "experiments", "evaluate.py"),
-      f"--checkpoint={checkpoints[0]}",
-      "--tasks=llama3_jax_mc",
-      f"--include_path={TASKS_DIR}",
-      f"--output={output}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  evaluate = _run(
+    os.path.join(REPO, "experiments", "evaluate.py"),
+    f"--checkpoint={checkpoints[0]}",
+    *tasks,
+    f"--output={output}",
   )
-  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   assert "llama3_jax_mc: acc " in evaluate.stdout
   with open(output) as f:
     assert 0 <= json.load(f)["results"]["llama3_jax_mc"]["acc,none"] <= 1
